@@ -1,0 +1,251 @@
+"""Typed run configuration: YAML presets in configs/ plus dotted `key=value` overrides.
+
+Everything is validated before any work starts, so a typo in a key or an impossible value
+costs one line of error instead of a crashed cluster job.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased as one line naming the key, the value and what is allowed."""
+
+
+def _positive(v: Any) -> str | None:
+    return None if v > 0 else "a value > 0"
+
+
+def _non_negative(v: Any) -> str | None:
+    return None if v >= 0 else "a value >= 0"
+
+
+def _unit_open(v: Any) -> str | None:
+    return None if 0.0 <= v < 1.0 else "a value in [0, 1)"
+
+
+def _unit_closed(v: Any) -> str | None:
+    return None if 0.0 <= v <= 1.0 else "a value in [0, 1]"
+
+
+def _betas(v: Any) -> str | None:
+    ok = len(v) == 2 and all(0.0 <= b < 1.0 for b in v)
+    return None if ok else "two numbers in [0, 1), e.g. [0.5, 0.999]"
+
+
+def check(fn) -> dict:
+    """Field metadata: `fn(value)` returns None when valid, else a phrase saying what is allowed."""
+    return {"check": fn}
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    seed: int = field(default=0, metadata=check(_non_negative))
+    fresh: bool = False  # True: delete the run's checkpoints and events and start over
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # a shard folder (manifest.json), a folder of images, or "synthetic"
+    workers: int = field(default=2, metadata=check(_non_negative))
+    pin_memory: bool = True
+    split: str = "train"
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = field(default=128, metadata=check(_positive))  # per process
+    epochs: int = field(default=5, metadata=check(_positive))
+    max_steps: int = field(default=0, metadata=check(_non_negative))  # 0: run all epochs
+    max_nonfinite: int = field(default=10, metadata=check(_positive))
+
+
+@dataclass
+class ModelConfig:
+    nz: int = field(default=100, metadata=check(_positive))
+    ngf: int = field(default=64, metadata=check(_positive))
+    ndf: int = field(default=64, metadata=check(_positive))
+    channels: int = field(default=3, metadata=check(_positive))
+
+
+@dataclass
+class OptimConfig:
+    lr_g: float = field(default=2e-4, metadata=check(_positive))
+    lr_d: float = field(default=2e-4, metadata=check(_positive))
+    betas_g: tuple[float, float] = field(default=(0.5, 0.999), metadata=check(_betas))
+    betas_d: tuple[float, float] = field(default=(0.5, 0.999), metadata=check(_betas))
+    scale_lr: bool = False  # linear scaling of both learning rates by the number of processes
+
+
+@dataclass
+class LossConfig:
+    generator: Literal["non_saturating", "minimax"] = "non_saturating"
+    real_label: float = field(default=1.0, metadata=check(_unit_closed))  # < 1: one-sided label smoothing
+
+
+@dataclass
+class LogConfig:
+    every: int = field(default=50, metadata=check(_positive))
+    images_every: int = field(default=500, metadata=check(_positive))
+
+
+@dataclass
+class CkptConfig:
+    every: int = field(default=1000, metadata=check(_positive))
+    keep: int = field(default=3, metadata=check(_positive))
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    precision: Literal["no", "bf16", "fp16"] = "no"
+    log: LogConfig = field(default_factory=LogConfig)
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return "a list of " + ", ".join(_describe(a) for a in typing.get_args(tp))
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert a YAML value to the field's type, or raise ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"config key '{key}': got {value!r}, expected {_describe(tp)}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise bad
+        return tuple(_coerce(key, v, a) for v, a in zip(value, args))
+    if origin in (typing.Union, types.UnionType):
+        for a in typing.get_args(tp):
+            try:
+                return _coerce(key, value, a)
+            except ConfigError:
+                continue
+        raise bad
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    raise bad
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': got {data!r}, expected a mapping")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for name in data:
+        if name not in known:
+            allowed = ", ".join(prefix + k for k in known)
+            raise ConfigError(f"config key '{prefix}{name}': unknown key, expected one of {allowed}")
+    kwargs = {}
+    for name, f in known.items():
+        if name not in data:
+            continue
+        key, tp = prefix + name, hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name] or {}, key + ".")
+            continue
+        value = _coerce(key, data[name], tp)
+        check_fn = f.metadata.get("check")
+        if check_fn is not None:
+            allowed = check_fn(value)
+            if allowed is not None:
+                raise ConfigError(f"config key '{key}': got {data[name]!r}, expected {allowed}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.get(p)
+        if not isinstance(child, dict):
+            child = {}
+            node[p] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.batch_size=64` -> ("train.batch_size", 64); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. train.batch_size=64")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML preset (or the defaults), apply dotted overrides, validate everything."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path}: not found, expected a YAML file such as configs/smoke.yaml")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"config file {path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path}: expected a mapping of sections, got {type(tree).__name__}")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    return _build(Config, tree, "")
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Plain dict (tuples as lists) for YAML, TensorBoard text and checkpoints."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(dataclasses.asdict(cfg))
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
