@@ -55,6 +55,8 @@ class RunConfig:
 @dataclass
 class DataConfig:
     source: str = "synthetic"  # a shard folder (manifest.json), a folder of images, or "synthetic"
+    synthetic_count: int = field(default=4000, metadata=check(_positive))  # images, when source is "synthetic"
+    synthetic_modes: int = field(default=10, metadata=check(_positive))
     workers: int = field(default=2, metadata=check(_non_negative))
     pin_memory: bool = True
     split: str = "train"

@@ -1,0 +1,158 @@
+"""Atomic, unpickle-free checkpoints under RUN/checkpoints/, and the inference export.
+
+A checkpoint is a folder `step-NNNNNNNN/` holding `G.safetensors`, `D.safetensors` and
+`state.pt` (optimizers, grad scaler, step, data position, every rank's noise RNG state, the fixed
+noise, the config), loaded with `torch.load(weights_only=True)`. It is written as
+`.tmp-step-NNNNNNNN/` and renamed when complete, so a crash mid-write never leaves a folder
+that looks like a checkpoint. Every rank calls `save_checkpoint` (RNG states are gathered);
+only the main process writes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CHECKPOINT_DIR = "checkpoints"
+GENERATOR_EXPORT = "generator.safetensors"
+_NAME = re.compile(r"^step-(\d{8})$")
+_FILES = ("G.safetensors", "D.safetensors", "state.pt")
+
+
+@dataclass
+class TrainingState:
+    """Everything besides weights and optimizers that a resumed run needs."""
+
+    step: int
+    epoch: int
+    batch_in_epoch: int  # index of the next batch to read in `epoch`
+    fixed_noise: torch.Tensor
+    world_size: int
+    batch_size: int
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _NAME.match(p.name) and all((p / f).is_file() for f in _FILES)]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    dirs = checkpoint_dirs(run_dir)
+    return dirs[-1] if dirs else None
+
+
+def _state_dict_for_safetensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+
+
+def export_generator(G: nn.Module, path: Path, model_config: dict) -> None:
+    """G's weights with its constructor arguments in the metadata, for `Generator(**config)`."""
+    tmp = path.with_name(path.name + ".tmp")
+    meta = {"model_config": json.dumps(model_config), "format": "dcgan_dist.Generator"}
+    save_file(_state_dict_for_safetensors(G), str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_generator(path: Path) -> nn.Module:
+    """Rebuild the generator from `export_generator`'s file (no pickle involved)."""
+    from safetensors import safe_open
+
+    from dcgan_dist.models import Generator
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != "dcgan_dist.Generator":
+        raise ValueError(f"{path}: not a dcgan_dist generator export (metadata format={meta.get('format')!r})")
+    G = Generator(**json.loads(meta["model_config"]))
+    G.load_state_dict(load_file(str(path)))
+    return G.eval()
+
+
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainingState, G: nn.Module, D: nn.Module,
+                    opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, noise: torch.Generator,
+                    config_yaml: str, keep: int, model_config: dict) -> Path:
+    """Write checkpoint `step-<state.step>` atomically; prune to the newest `keep`. Call on every rank.
+
+    `noise` is the generator that draws z on this rank; every rank's state is gathered and saved.
+    """
+    rng = accelerator.gather(noise.get_state().to(accelerator.device).unsqueeze(0)).cpu()
+    root = Path(run_dir) / CHECKPOINT_DIR
+    final = root / f"step-{state.step:08d}"
+    if accelerator.is_main_process:
+        tmp = root / f".tmp-{final.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(_state_dict_for_safetensors(accelerator.unwrap_model(G)), str(tmp / "G.safetensors"))
+        save_file(_state_dict_for_safetensors(accelerator.unwrap_model(D)), str(tmp / "D.safetensors"))
+        scaler = accelerator.scaler
+        torch.save({
+            "step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
+            "world_size": state.world_size, "batch_size": state.batch_size,
+            "fixed_noise": state.fixed_noise.cpu(), "rng": rng,
+            "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "config": config_yaml,
+        }, tmp / "state.pt")
+        for f in _FILES:
+            with open(tmp / f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():  # re-saving the same step (e.g. end of run right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        for old in checkpoint_dirs(run_dir)[:-keep]:
+            shutil.rmtree(old)
+        export_generator(accelerator.unwrap_model(G), Path(run_dir) / GENERATOR_EXPORT, model_config)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path, G: nn.Module, D: nn.Module,
+                    opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
+                    noise: torch.Generator) -> TrainingState:
+    """Restore weights, optimizers, scaler and this rank's noise RNG from `path`; return the training state."""
+    device = accelerator.device
+    try:
+        blob = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        g_sd, d_sd = load_file(str(path / "G.safetensors")), load_file(str(path / "D.safetensors"))
+    except Exception as exc:  # a damaged file must name itself, not raise from deep inside torch
+        raise RuntimeError(f"checkpoint {path}: cannot be read ({type(exc).__name__}: {exc})") from None
+    try:
+        accelerator.unwrap_model(G).load_state_dict(g_sd)
+        accelerator.unwrap_model(D).load_state_dict(d_sd)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise RuntimeError(f"checkpoint {path}: weights do not fit this config's model ({first}); "
+                           "use the run's model.* settings or a new run.dir") from None
+    opt_g.load_state_dict(blob["opt_g"])
+    opt_d.load_state_dict(blob["opt_d"])
+    if accelerator.scaler is not None and blob["scaler"] is not None:
+        accelerator.scaler.load_state_dict(blob["scaler"])
+    rng = blob["rng"]
+    if rng.shape[0] == accelerator.num_processes:
+        noise.set_state(rng[accelerator.process_index])
+    else:  # another world size: a fresh, still deterministic stream per rank
+        noise.manual_seed(blob["step"] * 7919 + accelerator.process_index)
+    return TrainingState(step=blob["step"], epoch=blob["epoch"], batch_in_epoch=blob["batch_in_epoch"],
+                         fixed_noise=blob["fixed_noise"].to(device), world_size=blob["world_size"],
+                         batch_size=blob["batch_size"])

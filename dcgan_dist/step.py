@@ -1,0 +1,140 @@
+"""One GAN training step in the lab's order, with statistics kept on the device.
+
+1. D on a real batch (target `real_label`) and on G(z).detach() (target 0); one D update.
+2. G through the *updated* D with those same fakes (target 1); one G update.
+
+The G step runs D's bare module with D's parameters frozen, so D's weight gradients are
+neither computed nor all-reduced. Nothing here reads a value back to the host: the
+statistics accumulate in a device tensor that the trainer reads every `log.every` steps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+
+from dcgan_dist.config import LossConfig
+
+# Order of the per-step statistics accumulated on the device (also their TensorBoard tags).
+STAT_TAGS = (
+    "loss/D",
+    "loss/G",
+    "D(x)",
+    "D(G(z))/before_D_step",
+    "D(G(z))/after_D_step",
+    "D/positive_logits_real",
+    "D/positive_logits_fake",
+)
+
+
+def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, real_label: float = 1.0) -> torch.Tensor:
+    """BCE(D(x), real_label) + BCE(D(G(z)), 0), from logits in fp32."""
+    real_logits, fake_logits = real_logits.float(), fake_logits.float()
+    return (F.binary_cross_entropy_with_logits(real_logits, torch.full_like(real_logits, real_label))
+            + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
+
+
+def generator_loss(fake_logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """`non_saturating`: -log D(G(z)). `minimax`: log(1 - D(G(z))), the original, saturating objective."""
+    fake_logits = fake_logits.float()
+    if kind == "non_saturating":
+        return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
+    if kind == "minimax":
+        return -F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
+    raise ValueError(f"loss.generator: unknown kind {kind!r}")
+
+
+def layer_grad_norms(model: nn.Module) -> dict[str, torch.Tensor]:
+    """L2 norm of the gradient of each layer with parameters, on the device, plus 'total'."""
+    norms: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        grads = [p.grad for p in module.parameters(recurse=False) if p.grad is not None]
+        if grads:
+            norms[name.replace("module.", "").replace("main.", "")] = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    if norms:
+        norms["total"] = torch.linalg.vector_norm(torch.stack(list(norms.values())))
+    return norms
+
+
+@dataclass
+class StepOutput:
+    """What a step hands to diagnostics when asked (device tensors)."""
+
+    real_logits: torch.Tensor
+    fake_logits: torch.Tensor
+    grad_norms_d: dict[str, torch.Tensor] = field(default_factory=dict)
+    grad_norms_g: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class GANStep:
+    """The training step and its device-side running sums of `STAT_TAGS`."""
+
+    def __init__(self, accelerator: Accelerator, G: nn.Module, D: nn.Module,
+                 opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, loss: LossConfig, nz: int, seed: int):
+        self.accelerator, self.G, self.D, self.opt_g, self.opt_d = accelerator, G, D, opt_g, opt_d
+        self.loss, self.nz = loss, nz
+        # z has its own generator: data-loader workers draw from the global RNG, and a resumed
+        # run must draw exactly the noise an uninterrupted one would.
+        self.noise = torch.Generator(device=accelerator.device)
+        self.noise.manual_seed(seed * 1_000_003 + 7919 * accelerator.process_index + 1)
+        self.D_bare = accelerator.unwrap_model(D)  # keeps accelerate's autocast wrapper, drops DDP
+        self.sums = torch.zeros(len(STAT_TAGS), device=accelerator.device)
+        self.count = 0
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, C, H, W) on the host -> float in [-1, 1] on the device (the lab's scaling)."""
+        x = images.to(self.accelerator.device, non_blocking=True)
+        return x.float().div_(127.5).sub_(1.0)
+
+    def __call__(self, images: torch.Tensor, collect_grad_norms: bool = False) -> StepOutput:
+        acc = self.accelerator
+        real = self.normalise(images)
+        z = torch.randn(real.shape[0], self.nz, 1, 1, device=acc.device, generator=self.noise)
+        fake = self.G(z)
+
+        # D step: real then fake, one update.
+        real_logits = self.D(real)
+        fake_logits = self.D(fake.detach())
+        loss_d = discriminator_loss(real_logits, fake_logits, self.loss.real_label)
+        acc.backward(loss_d)
+        out = StepOutput(real_logits.detach(), fake_logits.detach())
+        if collect_grad_norms:
+            acc.unscale_gradients(self.opt_d)
+            out.grad_norms_d = layer_grad_norms(self.D)
+        self.opt_d.step()
+        self.opt_d.zero_grad(set_to_none=True)
+
+        # G step through the updated D, same fakes; D's weights get no gradient.
+        self.D_bare.requires_grad_(False)
+        after_logits = self.D_bare(fake)
+        self.D_bare.requires_grad_(True)
+        loss_g = generator_loss(after_logits, self.loss.generator)
+        acc.backward(loss_g)
+        if collect_grad_norms:
+            acc.unscale_gradients(self.opt_g)
+            out.grad_norms_g = layer_grad_norms(self.G)
+        self.opt_g.step()
+        self.opt_g.zero_grad(set_to_none=True)
+
+        with torch.no_grad():
+            self.sums += torch.stack([
+                loss_d.detach(), loss_g.detach(),
+                torch.sigmoid(real_logits.float()).mean(),
+                torch.sigmoid(out.fake_logits.float()).mean(),
+                torch.sigmoid(after_logits.detach().float()).mean(),
+                (real_logits > 0).float().mean(),
+                (out.fake_logits > 0).float().mean(),
+            ])
+        self.count += 1
+        return out
+
+    def take_means(self) -> torch.Tensor:
+        """Means since the last call (device tensor, in `STAT_TAGS` order); resets the sums."""
+        means = self.sums / max(self.count, 1)
+        self.sums = torch.zeros_like(self.sums)
+        self.count = 0
+        return means

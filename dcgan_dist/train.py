@@ -1,0 +1,185 @@
+"""dcgan-train: the lab's DCGAN trained through Accelerate, one loop that reads top to bottom.
+
+    dcgan-train --config configs/smoke.yaml train.batch_size=64
+    accelerate launch -m dcgan_dist.train --config configs/celeba64.yaml
+
+Data (shards or a folder) -> GANStep on the device -> reduced scalars to TensorBoard ->
+checkpoints. Starting on an existing run.dir resumes from its latest checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
+
+from dcgan_dist.checkpoint import (CHECKPOINT_DIR, TrainingState, latest_checkpoint, load_checkpoint,
+                                   save_checkpoint)
+from dcgan_dist.config import Config, ConfigError, config_to_dict, config_to_yaml, load_config
+from dcgan_dist.data import BatchSource, make_batch_source
+from dcgan_dist.metrics import TB_DIR, RunLogger, reduce_mean
+from dcgan_dist.models import Discriminator, Generator, count_parameters
+from dcgan_dist.step import STAT_TAGS, GANStep
+
+FIXED_NOISE_SAMPLES = 64
+REAL_GRID_SAMPLES = 64
+
+
+def build_accelerator(cfg: Config) -> Accelerator:
+    """BatchNorm buffers are not broadcast: D runs twice before one backward (see docs/distributed.md)."""
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+    return Accelerator(mixed_precision=cfg.precision, kwargs_handlers=[ddp])
+
+
+def resolve_data_source(cfg: Config, accelerator: Accelerator) -> None:
+    """`data.source: synthetic` -> generate synthetic CelebA and its shards once (main process), then use them."""
+    if cfg.data.source != "synthetic":
+        return
+    from dcgan_dist.data.shards import MANIFEST_NAME, build_shards
+    from dcgan_dist.data.synth import write_synthetic_celeba
+
+    root = Path("shards") / f"synthetic-{cfg.data.synthetic_count}x{cfg.data.synthetic_modes}"
+    shards = root / "celeba64"
+    with accelerator.main_process_first():
+        if accelerator.is_main_process and not (shards / MANIFEST_NAME).is_file():
+            print(f"[dcgan-train] writing synthetic CelebA ({cfg.data.synthetic_count} images, "
+                  f"{cfg.data.synthetic_modes} modes) and its shards under {root}", flush=True)
+            source = write_synthetic_celeba(root / "celeba", cfg.data.synthetic_count, cfg.data.synthetic_modes,
+                                            seed=cfg.run.seed)
+            build_shards(source, shards)
+    cfg.data.source = str(shards)
+
+
+def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
+    run_dir = Path(cfg.run.dir)
+    if accelerator.is_main_process:
+        if cfg.run.fresh:
+            shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
+            shutil.rmtree(run_dir / TB_DIR, ignore_errors=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / "config.yaml.tmp"
+        tmp.write_text(config_to_yaml(cfg))
+        tmp.replace(run_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+def train(cfg: Config) -> dict[str, float]:
+    """Run (or resume) training as configured; returns the last logged scalars."""
+    accelerator = build_accelerator(cfg)
+    resolve_data_source(cfg, accelerator)
+    run_dir = prepare_run_dir(cfg, accelerator)
+    world = accelerator.num_processes
+    source: BatchSource = make_batch_source(cfg.data, batch_size=cfg.train.batch_size,
+                                            rank=accelerator.process_index, world_size=world, seed=cfg.run.seed)
+
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    G = Generator(cfg.model.nz, cfg.model.ngf, cfg.model.channels)
+    D = Discriminator(cfg.model.ndf, cfg.model.channels)
+    lr_scale = world if cfg.optim.scale_lr else 1
+    fused = {"fused": True}
+    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.optim.lr_g * lr_scale, betas=cfg.optim.betas_g, **fused)
+    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_d * lr_scale, betas=cfg.optim.betas_d, **fused)
+    G, D, opt_g, opt_d = accelerator.prepare(G, D, opt_g, opt_d)
+    step_fn = GANStep(accelerator, G, D, opt_g, opt_d, cfg.loss, cfg.model.nz, cfg.run.seed)
+
+    fixed_noise = torch.randn(FIXED_NOISE_SAMPLES, cfg.model.nz, 1, 1,
+                              generator=torch.Generator().manual_seed(cfg.run.seed)).to(accelerator.device)
+    state = TrainingState(step=0, epoch=0, batch_in_epoch=0, fixed_noise=fixed_noise, world_size=world,
+                          batch_size=cfg.train.batch_size)
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is not None:
+        state = load_checkpoint(accelerator, ckpt, G, D, opt_g, opt_d, step_fn.noise)
+        if (state.world_size, state.batch_size) != (world, cfg.train.batch_size):
+            seen = state.batch_in_epoch * state.world_size * state.batch_size
+            state.batch_in_epoch = seen // (world * cfg.train.batch_size)
+        state.world_size, state.batch_size = world, cfg.train.batch_size
+
+    bpe = source.batches_per_epoch
+    total = cfg.train.epochs * bpe
+    if cfg.train.max_steps:
+        total = min(total, cfg.train.max_steps)
+    images_per_step = cfg.train.batch_size * world
+    log = RunLogger(accelerator, run_dir, state.step, total)
+    log.message(f"[dcgan-train] {source.describe()}")
+    log.message(f"[dcgan-train] {world} process(es) on {accelerator.device}, precision {cfg.precision}, "
+                f"batch {cfg.train.batch_size} per process = {images_per_step} global; "
+                f"G {count_parameters(G):,} / D {count_parameters(D):,} parameters; steps {state.step} -> {total}")
+    if ckpt is not None:
+        log.message(f"[dcgan-train] resumed from {ckpt} (epoch {state.epoch}, batch {state.batch_in_epoch})")
+    else:
+        log.text("config", 0, "```\n" + config_to_yaml(cfg) + "\n```")
+        first = next(iter(source.batches(0)))
+        log.grid("images/real", 0, first.images[:REAL_GRID_SAMPLES])
+
+    def save() -> None:
+        save_checkpoint(accelerator, run_dir, state, G, D, opt_g, opt_d, step_fn.noise, config_to_yaml(cfg),
+                        cfg.ckpt.keep, {"nz": cfg.model.nz, "ngf": cfg.model.ngf, "channels": cfg.model.channels})
+
+    def sample_grid() -> None:
+        G.eval()
+        with torch.no_grad():
+            log.grid("images/fake_fixed_noise", state.step, accelerator.unwrap_model(G)(state.fixed_noise))
+        G.train()
+
+    last: dict[str, float] = {}
+    started = time.perf_counter()
+    start_step = state.step
+    while state.step < total and state.epoch < cfg.train.epochs:
+        for batch in source.batches(state.epoch, state.batch_in_epoch):
+            step_fn(batch.images)
+            state.step += 1
+            state.batch_in_epoch += 1
+            log.advance()
+            if state.step % cfg.log.every == 0 or state.step == total:
+                last = dict(zip(STAT_TAGS, reduce_mean(accelerator, step_fn.take_means())))
+                last["perf/img_per_s"] = log.rate(state.step, images_per_step)
+                last["lr/G"], last["lr/D"] = opt_g.param_groups[0]["lr"], opt_d.param_groups[0]["lr"]
+                log.scalars(state.step, last)
+                log.show({"img/s": last["perf/img_per_s"], "loss/D": last["loss/D"], "loss/G": last["loss/G"]})
+            if state.step % cfg.log.images_every == 0:
+                sample_grid()
+            if state.batch_in_epoch == bpe:
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            if state.step % cfg.ckpt.every == 0 and state.step != total:
+                save()
+            if state.step >= total:
+                break
+    if state.step % cfg.log.images_every != 0:
+        sample_grid()
+    save()
+    log.close()
+    elapsed = time.perf_counter() - started
+    steps_done = state.step - start_step
+    if accelerator.is_main_process:
+        rate = steps_done * images_per_step / max(elapsed, 1e-9)
+        tail = ", ".join(f"{k} {last[k]:.3f}" for k in ("loss/D", "loss/G", "D(x)", "D(G(z))/after_D_step")
+                         if k in last)
+        print(f"[dcgan-train] done: step {state.step}/{total}, {steps_done} steps in {elapsed:.1f}s "
+              f"({rate:,.0f} img/s); {tail}; run dir {run_dir}", flush=True)
+    accelerator.end_training()
+    return last
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dcgan-train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML preset, e.g. configs/celeba64.yaml (default: built-in defaults)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.batch_size=64")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        train(cfg)
+    except ConfigError as exc:
+        print(f"dcgan-train: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
