@@ -158,6 +158,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "2e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
         raise bad
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):

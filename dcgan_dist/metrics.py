@@ -40,7 +40,8 @@ class RunLogger:
         self.bar = None
         if self.enabled:
             # purge_step drops events a crashed run wrote after its last checkpoint, so resumed curves join cleanly
-            self.writer = SummaryWriter(str(Path(run_dir) / TB_DIR), purge_step=start_step if start_step else None)
+            purge = start_step + 1 if start_step else None
+            self.writer = SummaryWriter(str(Path(run_dir) / TB_DIR), purge_step=purge)
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                             mininterval=1.0)
         self._t0, self._step0 = time.perf_counter(), start_step

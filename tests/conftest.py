@@ -1,0 +1,44 @@
+"""Shared fixtures: small image folders and the location of ../shared."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def shared_path(name: str) -> Path:
+    """A path under ../shared, or skip the test with the reason when it is absent."""
+    path = SHARED / name
+    if not path.exists():
+        pytest.skip(f"{path} is absent (../shared is only beside the project in development and CI)")
+    return path
+
+
+def write_image_folder(root: Path, count: int, size: tuple[int, int] = (89, 109), seed: int = 0) -> Path:
+    """`count` random RGB JPEGs of width x height `size`, in a nested folder."""
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        sub = root / f"part{i % 2}"
+        sub.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(sub / f"{i:06d}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("images"), 96)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps process-wide state; each test builds its own Accelerator from scratch."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)

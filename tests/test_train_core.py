@@ -1,0 +1,148 @@
+"""End-to-end trainer behaviour on a small image folder: tags, checkpoints, resume, bad configs."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from dcgan_dist.checkpoint import GENERATOR_EXPORT, checkpoint_dirs, latest_checkpoint, load_generator
+from dcgan_dist.config import load_config
+from dcgan_dist.train import main, train
+
+TINY = ["model.ngf=8", "model.ndf=8", "model.nz=16", "train.batch_size=8", "data.workers=1", "log.every=5",
+        "log.images_every=10", "ckpt.every=10", "ckpt.keep=2"]
+SCALAR_TAGS = {"loss/D", "loss/G", "D(x)", "D(G(z))/before_D_step", "D(G(z))/after_D_step", "lr/G", "lr/D",
+               "perf/img_per_s", "D/positive_logits_real", "D/positive_logits_fake"}
+
+
+def run(tmp: Path, folder: Path, *extra: str) -> dict:
+    cfg = load_config(None, [*TINY, f"data.source={folder}", f"run.dir={tmp}", *extra])
+    return train(cfg)
+
+
+def events(run_dir: Path) -> EventAccumulator:
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def test_short_run_writes_every_documented_tag_and_a_checkpoint(tmp_path, image_folder):
+    run(tmp_path, image_folder, "train.max_steps=12")
+    ev = events(tmp_path)
+    tags = ev.Tags()
+    assert SCALAR_TAGS <= set(tags["scalars"])
+    assert {"images/real", "images/fake_fixed_noise"} <= set(tags["images"])
+    assert "config/text_summary" in tags["tensors"]
+    assert [e.step for e in ev.Scalars("loss/D")] == [5, 10, 12]
+    assert [e.step for e in ev.Images("images/fake_fixed_noise")] == [10, 12]
+    lr = ev.Scalars("lr/G")[0].value
+    assert lr == pytest.approx(2e-4)
+    # checkpoints: periodic (10) and final (12), keep=2, nothing half-written left
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-00000010", "step-00000012"]
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    state = torch.load(latest_checkpoint(tmp_path) / "state.pt", weights_only=True)
+    assert state["step"] == 12 and state["fixed_noise"].shape == (64, 16, 1, 1)
+    assert yaml.safe_load(state["config"])["model"]["ngf"] == 8
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["data"]["source"] == str(image_folder)
+    # the inference export rebuilds G from its own metadata and matches the checkpoint's weights
+    G = load_generator(tmp_path / GENERATOR_EXPORT)
+    ckpt_g = load_file(str(latest_checkpoint(tmp_path) / "G.safetensors"))
+    for k, v in G.state_dict().items():
+        assert torch.equal(v, ckpt_g[k])
+
+
+def test_resumed_run_ends_with_exactly_the_weights_of_an_uninterrupted_run(tmp_path, image_folder):
+    # 96 images / batch 8 = 12 batches per epoch: step 10 stops mid-epoch, 20 crosses an epoch boundary
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run(straight, image_folder, "train.max_steps=20")
+    run(split, image_folder, "train.max_steps=10")
+    run(split, image_folder, "train.max_steps=20")
+    a, b = latest_checkpoint(straight), latest_checkpoint(split)
+    assert a.name == b.name == "step-00000020"
+    for name in ("G.safetensors", "D.safetensors"):
+        wa, wb = load_file(str(a / name)), load_file(str(b / name))
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            assert torch.equal(wa[k], wb[k]), f"{name}:{k} differs after resume"
+    sa = torch.load(a / "state.pt", weights_only=True)
+    sb = torch.load(b / "state.pt", weights_only=True)
+    assert (sa["epoch"], sa["batch_in_epoch"]) == (sb["epoch"], sb["batch_in_epoch"]) == (1, 8)
+    assert torch.equal(sa["rng"], sb["rng"])
+    # the TensorBoard curve continues: steps 5, 10 from the first run, 15, 20 from the resumed one
+    assert [e.step for e in events(split).Scalars("loss/D")] == [5, 10, 15, 20]
+
+
+def test_fresh_start_is_explicit(tmp_path, image_folder):
+    run(tmp_path, image_folder, "train.max_steps=5")
+    run(tmp_path, image_folder, "train.max_steps=5", "run.fresh=true")
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-00000005"]
+    assert [e.step for e in events(tmp_path).Scalars("loss/D")] == [5]
+
+
+def test_interrupted_checkpoint_write_is_never_taken_for_a_checkpoint(tmp_path, image_folder):
+    run(tmp_path, image_folder, "train.max_steps=5")
+    half = tmp_path / "checkpoints" / ".tmp-step-00000010"
+    half.mkdir()
+    (half / "G.safetensors").write_bytes(b"partial")
+    incomplete = tmp_path / "checkpoints" / "step-00000099"
+    incomplete.mkdir()
+    (incomplete / "G.safetensors").write_bytes(b"partial")
+    assert latest_checkpoint(tmp_path).name == "step-00000005"
+
+
+BAD_CONFIGS = [
+    (["train.batch_sz=4"], "config key 'train.batch_sz': unknown key"),
+    (["nonsense.key=1"], "config key 'nonsense': unknown key"),
+    (["train.batch_size=four"], "config key 'train.batch_size': got 'four', expected an integer"),
+    (["train.batch_size=0"], "config key 'train.batch_size': got 0, expected a value > 0"),
+    (["optim.lr_g=-1e-4"], "config key 'optim.lr_g': got -0.0001, expected a value > 0"),
+    (["optim.betas_d=[0.5, 1.5]"], "config key 'optim.betas_d'"),
+    (["precision=fp8"], "config key 'precision': got 'fp8', expected one of 'no', 'bf16', 'fp16'"),
+    (["loss.generator=wasserstein"], "config key 'loss.generator': got 'wasserstein'"),
+    (["run.fresh=maybe"], "config key 'run.fresh': got 'maybe', expected true or false"),
+    (["train.batch_size"], "override 'train.batch_size': expected key=value"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD_CONFIGS)
+def test_bad_config_gets_one_line_error_before_any_work(tmp_path, capsys, overrides, message):
+    run_dir = tmp_path / "run"
+    assert main([*overrides, f"run.dir={run_dir}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err, err
+    assert not run_dir.exists()
+
+
+def test_bad_config_files(tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train:\n  batch_size: [1,\n")
+    assert main(["--config", str(broken)]) == 2
+    assert f"config file {broken} line" in capsys.readouterr().err
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    assert main(["--config", str(listy)]) == 2
+    assert "expected a mapping of sections" in capsys.readouterr().err
+    assert main(["--config", str(tmp_path / "absent.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main([f"data.source={tmp_path / 'nowhere'}", f"run.dir={tmp_path / 'r'}"]) == 2
+    assert "config key 'data.source'" in capsys.readouterr().err
+
+
+def test_presets_parse():
+    for preset in sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml")):
+        load_config(preset)
+
+
+def test_console_script_and_module_are_the_same_program(tmp_path):
+    for cmd in (["dcgan-train"], [sys.executable, "-m", "dcgan_dist.train"]):
+        exe = Path(sys.executable).parent / cmd[0] if cmd[0] == "dcgan-train" else None
+        argv = [str(exe)] if exe else cmd
+        proc = subprocess.run([*argv, "train.epochs=0"], capture_output=True, text=True)
+        assert proc.returncode == 2
+        assert proc.stderr.strip() == "dcgan-train: error: config key 'train.epochs': got 0, expected a value > 0"
