@@ -1,0 +1,612 @@
+"""`dcgan-shards`: CelebA (or any folder of images) to preprocessed WebDataset tar shards.
+
+Preprocessing (the lab's Resize + CenterCrop) happens once, here, so training only decodes
+64x64 samples. Builds are parallel, deterministic (byte-identical tars for the same input and
+options) and resumable: each shard is written under a temporary name and renamed when
+complete, a journal records finished shards so an interrupted build picks up where it
+stopped, and manifest.json is written last, so it never describes tars that are not there.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import tarfile
+import time
+from collections import Counter
+from multiprocessing import Pool
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+import dcgan_dist
+from dcgan_dist.data.celeba import (
+    SPLITS, CelebaLists, CelebaSource, ShardError, find_source, gc_paused, list_entries, open_reader, read_lists,
+)
+from dcgan_dist.data.synth import SYNTH_JSON, write_synthetic_celeba
+
+__all__ = ["MANIFEST_NAME", "ShardError", "build_shards", "verify_shards", "main"]
+
+MANIFEST_NAME = "manifest.json"
+JOURNAL_NAME = ".dcgan-shards-journal.jsonl"  # finished shards of a build in progress
+SHARD_NAME = re.compile(r"celeba64-(train|valid|test)-\d{6}\.tar")
+TOOL = f"dcgan_dist {dcgan_dist.__version__}"
+FORMATS = {"png": "png", "jpg": "jpg", "raw": "npy", "npy": "npy"}  # CLI name -> member extension
+FACE_CROP_FRACTION = 108 / 178  # CelebA's 178-wide aligned faces -> the classic centred 108x108 face crop
+PNG_OPTIONS = {"compress_level": 1, "compress_type": 3}  # zlib level 1, Z_RLE: faster and smaller than the default
+JPG_OPTIONS = {"quality": 95, "subsampling": 0}
+CHUNK = 64  # images per worker task: small enough to balance, large enough to amortise the hand-off
+MAX_KEY_BYTES = 95  # ustar member names hold 100 bytes, extension included
+SHARD_FIELDS = ("name", "samples", "bytes", "sha256", "inputs", "plan")
+
+
+class Sample(NamedTuple):
+    """One input image and what the lists say about it; `repr` of it feeds the rebuild check."""
+
+    key: str
+    member: str
+    size: int
+    split: str
+    attributes: list[int] | None
+    identity: int | None
+    landmarks: list[int] | None
+    bbox: list[int] | None
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"celeba64-{split}-{index:06d}.tar"
+
+
+# ---------------------------------------------------------------------------------------- planning
+
+def _plan_samples(source: CelebaSource, lists: CelebaLists, *, valid_fraction: float, seed: int,
+                  allow_missing: bool) -> tuple[dict[str, list[Sample]], list[dict], dict]:
+    """Samples per split (sorted by key), inputs skipped before decoding, and the missing-files record."""
+    entries = list_entries(source)
+    if not entries:
+        raise ShardError(f"{source.images}: no image files in it")
+    for e in entries:
+        if len(e.id.encode()) > MAX_KEY_BYTES:
+            raise ShardError(f"{source.display(e.member)}: image id longer than {MAX_KEY_BYTES} bytes, "
+                             "expected a shorter file name (tar member names are limited)")
+    skipped, missing = [], {"count": 0, "first": []}
+    if lists.partition is not None:
+        present = {e.id for e in entries}
+        absent = sorted(k for k in lists.partition if k not in present)
+        missing = {"count": len(absent), "first": absent[:10]}
+        if absent and not allow_missing:
+            raise ShardError(
+                f"{len(absent):,} of {len(lists.partition):,} images listed in {lists.partition_file} are missing "
+                f"from {source.images} (first: {', '.join(absent[:5])}); a partial download? "
+                f"--allow-missing builds from the {len(lists.partition) - len(absent):,} that are present")
+        split_of = {}
+        for e in entries:
+            if e.id in lists.partition:
+                split_of[e.id] = lists.partition[e.id]
+            else:
+                skipped.append({"file": source.display(e.member), "reason": f"not listed in {lists.partition_file}"})
+    else:
+        n_valid = round(len(entries) * valid_fraction)
+        valid = set(np.random.default_rng(seed).permutation(len(entries))[:n_valid].tolist())
+        split_of = {e.id: "valid" if i in valid else "train" for i, e in enumerate(entries)}
+    names = lists.attribute_names
+    by_split = {split: [] for split in SPLITS}
+    for e in sorted(entries, key=lambda e: e.id):
+        if e.id in split_of:
+            by_split[split_of[e.id]].append(Sample(
+                e.id, e.member, e.size, split_of[e.id], lists.attributes.get(e.id) if names else None,
+                lists.identities.get(e.id), lists.landmarks.get(e.id), lists.bboxes.get(e.id)))
+    return by_split, skipped, missing
+
+
+def _plan_hash(settings: dict, samples: list[Sample]) -> str:
+    """What a shard was built from: the settings and its inputs (names, sizes, labels)."""
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    h.update("\n".join(map(repr, samples)).encode())
+    return h.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _previous_shards(out: Path) -> dict[str, dict]:
+    """Finished shards of earlier builds into `out` (the manifest, then the journal), by name, with their skips."""
+    found: dict[str, dict] = {}
+    try:
+        manifest = json.loads((out / MANIFEST_NAME).read_text())
+        for split in manifest["splits"].values():
+            for entry in split["shards"]:
+                found[entry["name"]] = {**entry, "skipped": manifest.get("skipped", [])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # no usable manifest: nothing to reuse from it
+    try:
+        for line in (out / JOURNAL_NAME).read_text().splitlines():
+            entry = json.loads(line)
+            found[entry["name"]] = entry
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # a torn last line only costs rebuilding that shard
+    return found
+
+
+# ------------------------------------------------------------------------------------------ workers
+
+_worker: dict = {}
+
+
+def _lab_geometry(size: int):
+    """`lab_transform`'s Resize + CenterCrop without its final PILToTensor: the encoders want the PIL image."""
+    from torchvision import transforms
+
+    from dcgan_dist.data.images import lab_transform
+
+    steps = lab_transform(size).transforms
+    if not isinstance(steps[-1], transforms.PILToTensor):
+        raise RuntimeError("lab_transform changed shape: expected it to end with PILToTensor")
+    return transforms.Compose(steps[:-1])
+
+
+def _init_worker(images: Path, size: int, ext: str, crop: bool, fast_decode: bool,
+                 attribute_names: list[str] | None) -> None:
+    _worker.update(read=open_reader(images), geometry=_lab_geometry(size), size=size, ext=ext, crop=crop,
+                   fast_decode=fast_decode, attribute_names=attribute_names)
+
+
+def _tar_member(name: str, data: bytes) -> bytes:
+    """One ustar member with fixed metadata (mtime 0, root, 0644), so equal content gives equal bytes."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = len(data), 0, 0o644, 0, 0, "", ""
+    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape") + data + bytes(-len(data) % tarfile.BLOCKSIZE)
+
+
+def _decode(data: bytes) -> Image.Image | str:
+    """The RGB image, or why it cannot be used."""
+    if not data:
+        return "empty file (0 bytes)"
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if _worker["fast_decode"]:
+                side = -(-_worker["size"] // (FACE_CROP_FRACTION if _worker["crop"] else 1))
+                im.draft("RGB", (int(side), int(side)))  # JPEG only: DCT-scaled decode, at least `side` pixels
+            return im.convert("RGB")
+    except UnidentifiedImageError:
+        return "not an image (no decoder recognises it)"
+    except Exception as e:  # decoders raise many types for damaged files; each such file is skipped and reported
+        kind = "truncated image" if "truncated" in str(e) else "corrupt image"
+        return f"{kind} ({type(e).__name__}: {e})"
+
+
+def _encode_sample(sample: Sample) -> bytes | str:
+    """The sample's tar members (json + image), or why it was skipped."""
+    w = _worker
+    try:
+        data = w["read"](sample.member)
+    except Exception as e:  # a vanished file, a permission problem, a damaged zip entry
+        return f"unreadable ({type(e).__name__}: {e})"
+    image = _decode(data)
+    if isinstance(image, str):
+        return image
+    if w["crop"]:
+        from torchvision.transforms import functional
+
+        side = round(FACE_CROP_FRACTION * min(image.size))
+        image = functional.center_crop(image, [side, side])
+    image = w["geometry"](image)
+    buf = io.BytesIO()
+    if w["ext"] == "npy":
+        np.save(buf, np.ascontiguousarray(np.asarray(image, dtype=np.uint8)), allow_pickle=False)
+    elif w["ext"] == "png":
+        image.save(buf, "PNG", **PNG_OPTIONS)
+    else:
+        image.save(buf, "JPEG", **JPG_OPTIONS)
+    names = w["attribute_names"]
+    label = {"id": sample.key, "split": sample.split,
+             "attributes": dict(zip(names, sample.attributes)) if names and sample.attributes else None,
+             "identity": sample.identity, "landmarks": sample.landmarks, "bbox": sample.bbox}
+    members = {"json": json.dumps(label, separators=(",", ":")).encode(), w["ext"]: buf.getvalue()}
+    return b"".join(_tar_member(f"{sample.key}.{ext}", members[ext]) for ext in sorted(members))
+
+
+def _encode_chunk(task: tuple[str, int, list[Sample]]) -> tuple[str, int, list[bytes | str]]:
+    split, position, samples = task
+    return split, position, [_encode_sample(s) for s in samples]
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+class _ShardFile:
+    """A tar being written under a temporary name; `finish` completes and renames it, `abort` removes it."""
+
+    def __init__(self, path: Path):
+        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
+        self.file = open(self.tmp, "wb")
+        self.sha, self.bytes, self.samples = hashlib.sha256(), 0, 0
+
+    def write(self, data: bytes) -> None:
+        self.file.write(data)
+        self.sha.update(data)
+        self.bytes += len(data)
+
+    def finish(self) -> dict:
+        end = bytes(2 * tarfile.BLOCKSIZE)  # end-of-archive, then padding to a whole record, as tarfile does
+        self.write(end + bytes(-(self.bytes + len(end)) % tarfile.RECORDSIZE))
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.path)
+        return {"name": self.path.name, "samples": self.samples, "bytes": self.bytes, "sha256": self.sha.hexdigest()}
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+class _SplitWriter:
+    """Cuts one split's encoded samples, in order, into shards of `shard_size`, journalling each finished one."""
+
+    def __init__(self, out: Path, split: str, samples: list[Sample], settings: dict, journal, *,
+                 shard_size: int, start: int, index: int, display: Callable[[str], str]):
+        self.out, self.split, self.samples, self.settings, self.journal = out, split, samples, settings, journal
+        self.shard_size, self.start, self.index, self.display = shard_size, start, index, display
+        self.current: _ShardFile | None = None
+        self.pending_skips: list[dict] = []  # inputs skipped since the last finished shard
+        self.finished: list[dict] = []  # shard entries, each with the skips among its inputs
+
+    def add(self, position: int, result: bytes | str, strict: bool) -> None:
+        if isinstance(result, str):
+            skip = {"file": self.display(self.samples[position].member), "reason": result}
+            if strict:
+                raise ShardError(f"{skip['file']}: {result} (--strict makes skipped inputs fatal)")
+            self.pending_skips.append(skip)
+            return
+        if self.current is None:
+            self.current = _ShardFile(self.out / shard_name(self.split, self.index))
+        self.current.write(result)
+        self.current.samples += 1
+        if self.current.samples == self.shard_size:
+            self._close(position + 1)
+
+    def _close(self, end: int) -> None:
+        entry = {**self.current.finish(), "inputs": [self.start, end],
+                 "plan": _plan_hash(self.settings, self.samples[self.start:end]), "skipped": self.pending_skips}
+        self.current = None
+        self.journal.write(json.dumps(entry) + "\n")
+        self.journal.flush()
+        self.finished.append(entry)
+        self.start, self.index, self.pending_skips = end, self.index + 1, []
+
+    def finish(self) -> list[dict]:
+        """Close the last shard; returns skips after it (there are some only when the split ends in bad files)."""
+        if self.current is not None:
+            self._close(len(self.samples))
+        return self.pending_skips
+
+    def abort(self) -> None:
+        if self.current is not None:
+            self.current.abort()
+
+
+def _reusable_prefix(out: Path, split: str, samples: list[Sample], settings: dict, previous: dict[str, dict],
+                     display: Callable[[str], str]) -> tuple[list[dict], int]:
+    """The split's leading shards already on disk from an identical plan, with their skips; and the next input."""
+    entries, start = [], 0
+    while start < len(samples):
+        old = previous.get(shard_name(split, len(entries)))
+        try:
+            begin, end = old["inputs"]
+            path = out / old["name"]
+            ok = (begin == start and end > start and old["plan"] == _plan_hash(settings, samples[start:end])
+                  and path.is_file() and path.stat().st_size == old["bytes"] and _file_sha256(path) == old["sha256"])
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            break
+        files = {display(s.member) for s in samples[start:end]}
+        entries.append({**{k: old[k] for k in SHARD_FIELDS}, "skipped": [s for s in old["skipped"] if s["file"] in files]})
+        start = end
+    return entries, start
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _run_workers(tasks: list, writers: dict[str, _SplitWriter], *, workers: int, initargs: tuple, strict: bool,
+                 log: Callable[[str], None]) -> None:
+    """Encode the tasks in parallel and hand the results, in input order, to their split's writer."""
+    todo, done, started = sum(len(t[2]) for t in tasks), 0, time.perf_counter()
+    with Pool(min(workers, len(tasks)), _init_worker, initargs) as pool:
+        for split, position, results in pool.imap(_encode_chunk, tasks):
+            writer = writers[split]
+            before = len(writer.finished)
+            for offset, result in enumerate(results):
+                writer.add(position + offset, result, strict)
+            done += len(results)
+            for entry in writer.finished[before:]:
+                log(f"{entry['name']}: {entry['samples']} samples, {entry['bytes'] / 1e6:.1f} MB "
+                    f"({done:,}/{todo:,} images, {done / (time.perf_counter() - started):,.0f} img/s)")
+
+
+def build_shards(source: Path, out: Path, *, size: int = 64, fmt: str = "png", shard_size: int = 5000,
+                 workers: int | None = None, valid_fraction: float = 0.1, allow_missing: bool = False,
+                 strict: bool = False, crop: bool = False, seed: int = 0, fast_decode: bool = False,
+                 log: Callable[[str], None] | None = None) -> dict:
+    """Build `out/celeba64-{split}-NNNNNN.tar` and `out/manifest.json` from `source`; returns the manifest.
+
+    `fast_decode` decodes JPEGs at a reduced DCT scale: faster, but not pixel-identical to the
+    lab's transform of the full image, so it is off by default. Raises ShardError on bad input.
+    """
+    log = log or (lambda message: None)
+    if fmt not in FORMATS:
+        raise ShardError(f"format: got {fmt!r}, expected one of png, jpg, raw")
+    for name, value in (("size", size), ("shard_size", shard_size), ("workers", 1 if workers is None else workers)):
+        if value < 1:
+            raise ShardError(f"{name}: got {value}, expected at least 1")
+    if not 0.0 <= valid_fraction < 1.0:
+        raise ShardError(f"valid_fraction: got {valid_fraction}, expected a value in [0, 1)")
+    ext, workers = FORMATS[fmt], workers or _default_workers()
+    started = time.perf_counter()
+    src = find_source(Path(source))
+    lists = read_lists(src.lists_dir)
+    with gc_paused():
+        by_split, skipped, missing = _plan_samples(src, lists, valid_fraction=valid_fraction, seed=seed,
+                                                   allow_missing=allow_missing)
+    if strict and skipped:
+        raise ShardError(f"{skipped[0]['file']}: {skipped[0]['reason']} (--strict makes skipped inputs fatal)")
+    preprocessing = {
+        "transform": f"Resize({size}) + CenterCrop({size}) (dcgan_dist.data.images.lab_transform, PIL bilinear)",
+        "face_crop": f"centred square of side round({FACE_CROP_FRACTION:.4f} x shorter side), first" if crop else None,
+        "decode": "JPEG draft (reduced DCT scale, not pixel-identical)" if fast_decode else "full resolution",
+        "encoding": {"png": PNG_OPTIONS, "jpg": JPG_OPTIONS, "npy": "np.save of uint8 (size, size, 3)"}[ext],
+    }
+    settings = {"tool": TOOL, "format": ext, "size": size, "preprocessing": preprocessing, "shard_size": shard_size}
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    previous = _previous_shards(out)
+    for stale in out.glob("*.tmp"):  # from a killed build
+        if SHARD_NAME.fullmatch(stale.name[:-4]) or stale.name in (MANIFEST_NAME + ".tmp", JOURNAL_NAME + ".tmp"):
+            stale.unlink()
+    shards, writers, tasks = {}, {}, []
+    with open(out / (JOURNAL_NAME + ".tmp"), "w") as journal:  # the shards kept from before, then new ones
+        for split in SPLITS:
+            samples = by_split[split]
+            shards[split], start = _reusable_prefix(out, split, samples, settings, previous, src.display)
+            journal.writelines(json.dumps(entry) + "\n" for entry in shards[split])
+            writers[split] = _SplitWriter(out, split, samples, settings, journal, shard_size=shard_size,
+                                          start=start, index=len(shards[split]), display=src.display)
+            tasks += [(split, p, samples[p:p + CHUNK]) for p in range(start, len(samples), CHUNK)]
+        journal.flush()
+        os.replace(out / (JOURNAL_NAME + ".tmp"), out / JOURNAL_NAME)
+        (out / MANIFEST_NAME).unlink(missing_ok=True)  # from here on the tars may change
+        kept = sum(len(entries) for entries in shards.values())
+        if kept:
+            log(f"kept {kept} complete shards from an earlier build of the same input and options")
+        todo = sum(len(t[2]) for t in tasks)
+        try:
+            if tasks:
+                log(f"{todo:,} images from {src.path} ({src.layout}) with {workers} workers")
+                _run_workers(tasks, writers, workers=workers, strict=strict, log=log,
+                             initargs=(src.images, size, ext, crop, fast_decode, lists.attribute_names))
+            for split, writer in writers.items():
+                skipped += writer.finish()
+                shards[split] += writer.finished
+        except BaseException:
+            for writer in writers.values():
+                writer.abort()
+            raise
+    skipped += [s for entries in shards.values() for e in entries for s in e["skipped"]]
+    manifest = _manifest(src, lists, ext, size, preprocessing, shards, skipped, missing)
+    names = {e["name"] for entries in shards.values() for e in entries}
+    for path in out.iterdir():
+        if SHARD_NAME.fullmatch(path.name) and path.name not in names:
+            path.unlink()  # left by an earlier build with more shards
+    _write_atomic(out / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
+    (out / JOURNAL_NAME).unlink()
+    _log_summary(log, manifest, out, todo, time.perf_counter() - started)
+    return manifest
+
+
+def _manifest(src: CelebaSource, lists: CelebaLists, ext: str, size: int, preprocessing: dict,
+              shards: dict[str, list[dict]], skipped: list[dict], missing: dict) -> dict:
+    source = {"path": str(src.path.resolve()), "layout": src.layout,
+              "images": src.images.name if src.is_zip else src.display(""),
+              "lists": sorted(lists.files.values())}
+    synth = src.lists_dir / SYNTH_JSON
+    if synth.is_file():
+        source["synthetic"] = json.loads(synth.read_text())
+    splits = {split: {"samples": sum(e["samples"] for e in entries),
+                      "shards": [{k: e[k] for k in SHARD_FIELDS} for e in entries]}
+              for split, entries in shards.items()}
+    all_shards = [e for entries in shards.values() for e in entries]
+    return {"tool": TOOL, "format": ext, "size": size, "preprocessing": preprocessing, "source": source,
+            "splits": splits,
+            "totals": {"samples": sum(e["samples"] for e in all_shards), "bytes": sum(e["bytes"] for e in all_shards),
+                       "shards": len(all_shards)},
+            "skipped": sorted(skipped, key=lambda s: s["file"]), "missing": missing}
+
+
+def _log_summary(log: Callable[[str], None], manifest: dict, out: Path, encoded: int, seconds: float) -> None:
+    splits = ", ".join(f"{split} {v['samples']:,} in {len(v['shards'])} shards" for split, v in manifest["splits"].items())
+    log(f"{out}: {splits}; {manifest['totals']['bytes'] / 1e6:,.1f} MB; "
+        f"{encoded:,} images encoded in {seconds:.1f} s ({encoded / max(seconds, 1e-9):,.0f} img/s)")
+    if manifest["missing"]["count"]:
+        log(f"missing: {manifest['missing']['count']:,} listed images not present (--allow-missing)")
+    if manifest["skipped"]:
+        reasons = Counter(s["reason"].split(" (")[0] for s in manifest["skipped"])
+        log(f"skipped {len(manifest['skipped'])} inputs: " + ", ".join(f"{n} {r}" for r, n in reasons.most_common())
+            + f" (each named in {out / MANIFEST_NAME})")
+
+
+# ------------------------------------------------------------------------------------------ verify
+
+def _check_image(data: bytes, ext: str, size: int) -> str | None:
+    """Why an image member is bad, or None."""
+    try:
+        if ext == "npy":
+            array = np.load(io.BytesIO(data), allow_pickle=False)
+        else:
+            with Image.open(io.BytesIO(data)) as im:
+                if im.mode != "RGB":
+                    return f"is {im.mode}, expected RGB"
+                array = np.asarray(im)
+    except Exception as e:  # any decoder failure is a finding, not a crash
+        return f"does not decode ({type(e).__name__}: {e})"
+    if array.shape != (size, size, 3) or array.dtype != np.uint8:
+        return f"is {array.shape} {array.dtype}, expected ({size}, {size}, 3) uint8"
+    return None
+
+
+def _check_shard(task: tuple[Path, str, dict, str, int]) -> list[str]:
+    """Every mismatch between one shard file and its manifest entry."""
+    path, split, entry, ext, size = task
+    name = entry["name"]
+    if not path.is_file():
+        return [f"{name}: missing"]
+    problems = []
+    if path.stat().st_size != entry["bytes"]:
+        problems.append(f"{name}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
+    elif _file_sha256(path) != entry["sha256"]:
+        problems.append(f"{name}: sha256 differs from the manifest's")
+    members: dict[str, dict[str, bytes]] = {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for info in tar:
+                key, _, member_ext = info.name.partition(".")
+                members.setdefault(key, {})[member_ext] = tar.extractfile(info).read() if info.isfile() else b""
+    except (tarfile.TarError, OSError, EOFError) as e:
+        problems.append(f"{name}: unreadable tar ({type(e).__name__}: {e})")
+    for key, parts in members.items():
+        if sorted(parts) != sorted(["json", ext]):
+            problems.append(f"{name}: sample '{key}' has members {sorted(parts)}, expected {sorted(['json', ext])}")
+            continue
+        bad = _check_image(parts[ext], ext, size)
+        if bad:
+            problems.append(f"{name}: {key}.{ext} {bad}")
+        try:
+            label = json.loads(parts["json"])
+            if label.get("id") != key or label.get("split") != split:
+                raise ValueError(f"id {label.get('id')!r}, split {label.get('split')!r}")
+        except (ValueError, AttributeError) as e:
+            problems.append(f"{name}: {key}.json is not this sample's label ({e}), expected id {key!r}, split {split!r}")
+    if len(members) != entry["samples"]:
+        problems.append(f"{name}: {len(members)} samples read, manifest says {entry['samples']}")
+    return problems
+
+
+def verify_shards(out: Path, workers: int | None = None) -> list[str]:
+    """Re-read every shard in `out` against manifest.json; returns the mismatches (empty: all good).
+
+    Checks sizes and sha256, that every sample has its json and image, that every image decodes
+    to (size, size, 3) uint8, the per-shard and total counts, and that no stray shards lie beside.
+    """
+    out = Path(out)
+    try:
+        manifest = json.loads((out / MANIFEST_NAME).read_text())
+        ext, size, splits = manifest["format"], manifest["size"], manifest["splits"]
+        tasks = [(out / e["name"], split, e, ext, size) for split in SPLITS for e in splits[split]["shards"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ShardError(f"{out / MANIFEST_NAME}: expected a shard manifest written by dcgan-shards build "
+                         f"({type(e).__name__}: {e})") from None
+    problems = []
+    with Pool(max(1, min(workers or _default_workers(), len(tasks)))) as pool:
+        for found in pool.imap(_check_shard, tasks):
+            problems += found
+    for split in SPLITS:
+        listed = sum(e["samples"] for e in splits[split]["shards"])
+        if listed != splits[split]["samples"]:
+            problems.append(f"manifest: {split} says {splits[split]['samples']} samples, its shards list {listed}")
+    totals = {"samples": sum(t[2]["samples"] for t in tasks), "bytes": sum(t[2]["bytes"] for t in tasks)}
+    for key, value in totals.items():
+        if manifest.get("totals", {}).get(key) != value:
+            problems.append(f"manifest: totals.{key} is {manifest.get('totals', {}).get(key)}, its shards sum to {value}")
+    names = {t[0].name for t in tasks}
+    problems += [f"{p.name}: not in the manifest (a stray or temporary file)" for p in sorted(out.iterdir())
+                 if (SHARD_NAME.fullmatch(p.name) and p.name not in names) or p.name.endswith(".tar.tmp")]
+    return problems
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dcgan-shards", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    build = commands.add_parser("build", help="build shards from CelebA or a folder of images")
+    build.add_argument("--source", required=True, type=Path,
+                       help="CelebA release folder, torchvision ROOT, img_align_celeba.zip, or a folder of images")
+    build.add_argument("--out", type=Path, default=Path("shards/celeba64"), help="output folder (default %(default)s)")
+    build.add_argument("--size", type=int, default=64, help="output side in pixels (default %(default)s)")
+    build.add_argument("--format", choices=["png", "jpg", "raw"], default="png",
+                       help="png: lossless (default); jpg: small, lossy; raw: uint8 .npy, fastest to load")
+    build.add_argument("--shard-size", type=int, default=5000, help="samples per shard (default %(default)s)")
+    build.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    build.add_argument("--valid-fraction", type=float, default=0.1,
+                       help="without a partition file: share of images for the valid split (default %(default)s)")
+    build.add_argument("--seed", type=int, default=0, help="seed of that split (default %(default)s)")
+    build.add_argument("--allow-missing", action="store_true",
+                       help="build from the images present when the partition file lists more (partial download)")
+    build.add_argument("--strict", action="store_true", help="fail on the first unreadable input instead of skipping it")
+    build.add_argument("--crop", action="store_true", help="take a centred face crop (108/178 of the width) first")
+    build.add_argument("--fast-decode", action="store_true",
+                       help="decode JPEGs at reduced scale: faster, but not pixel-identical to the lab's transform")
+    verify = commands.add_parser("verify", help="re-read every shard against manifest.json")
+    verify.add_argument("dir", type=Path)
+    verify.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    synth = commands.add_parser("synth", help="write synthetic faces in CelebA's release layout")
+    synth.add_argument("--out", required=True, type=Path, help="folder to write (the SRC of a later build)")
+    synth.add_argument("--count", type=int, required=True, help="number of images")
+    synth.add_argument("--modes", type=int, default=10, help="number of visually distinct modes (default %(default)s)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    try:
+        if args.command == "build":
+            build_shards(args.source, args.out, size=args.size, fmt=args.format, shard_size=args.shard_size,
+                         workers=args.workers, valid_fraction=args.valid_fraction, allow_missing=args.allow_missing,
+                         strict=args.strict, crop=args.crop, seed=args.seed, fast_decode=args.fast_decode, log=log)
+        elif args.command == "verify":
+            problems = verify_shards(args.dir, workers=args.workers)
+            for problem in problems:
+                print(problem)
+            if problems:
+                log(f"{args.dir}: {len(problems)} problems")
+                return 1
+            manifest = json.loads((args.dir / MANIFEST_NAME).read_text())
+            log(f"{args.dir}: OK, {manifest['totals']['shards']} shards, {manifest['totals']['samples']:,} samples")
+        else:
+            try:
+                write_synthetic_celeba(args.out, args.count, modes=args.modes, seed=args.seed)
+            except ValueError as e:
+                raise ShardError(str(e)) from None
+            log(f"{args.out}: {args.count:,} synthetic faces in {args.modes} modes")
+    except ShardError as e:
+        print(f"dcgan-shards: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
