@@ -68,6 +68,7 @@ class TrainConfig:
     epochs: int = field(default=5, metadata=check(_positive))
     max_steps: int = field(default=0, metadata=check(_non_negative))  # 0: run all epochs
     max_nonfinite: int = field(default=10, metadata=check(_positive))
+    stop_check_every: int = field(default=10, metadata=check(_positive))  # steps between the ranks' stop-signal checks
 
 
 @dataclass
@@ -106,6 +107,12 @@ class CkptConfig:
 
 
 @dataclass
+class DDPConfig:
+    # local: each rank normalises with its own batch; sync: SyncBatchNorm over all ranks (CUDA only)
+    batchnorm: Literal["local", "sync"] = "local"
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -116,6 +123,7 @@ class Config:
     precision: Literal["no", "bf16", "fp16"] = "no"
     log: LogConfig = field(default_factory=LogConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
+    ddp: DDPConfig = field(default_factory=DDPConfig)
 
 
 def _describe(tp: Any) -> str:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
 
 from dcgan_dist.checkpoint import (CHECKPOINT_DIR, TrainingState, latest_checkpoint, load_checkpoint,
                                    save_checkpoint)
@@ -24,16 +23,31 @@ from dcgan_dist.config import Config, ConfigError, config_to_dict, config_to_yam
 from dcgan_dist.data import BatchSource, make_batch_source
 from dcgan_dist.metrics import TB_DIR, RunLogger, reduce_mean
 from dcgan_dist.models import Discriminator, Generator, count_parameters
-from dcgan_dist.step import STAT_TAGS, GANStep
+from dcgan_dist.parallel import build_accelerator, prepare_gan
+from dcgan_dist.preemption import StopRequest
+from dcgan_dist.step import HEALTH_TAGS, STAT_TAGS, GANStep
 
 FIXED_NOISE_SAMPLES = 64
 REAL_GRID_SAMPLES = 64
 
 
-def build_accelerator(cfg: Config) -> Accelerator:
-    """BatchNorm buffers are not broadcast: D runs twice before one backward (see docs/distributed.md)."""
-    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
-    return Accelerator(mixed_precision=cfg.precision, kwargs_handlers=[ddp])
+class NonFiniteError(RuntimeError):
+    """`train.max_nonfinite` consecutive steps had a non-finite loss or gradient."""
+
+
+def reduced_scalars(accelerator: Accelerator, step_fn: GANStep, max_nonfinite: int) -> tuple[dict[str, float], bool]:
+    """The interval's step statistics and health counts averaged over ranks (one collective), and
+    whether some rank reached `max_nonfinite` consecutive non-finite steps."""
+    tags, parts = [*STAT_TAGS, *HEALTH_TAGS], [step_fn.take_means(), step_fn.take_health()]
+    scale = step_fn.loss_scale()
+    if scale is not None:
+        tags.append("amp/scale")
+        parts.append(scale.reshape(1).float())
+    values = reduce_mean(accelerator, torch.cat([*parts, step_fn.nonfinite_flags(max_nonfinite)]))
+    scalars = dict(zip(tags, values))
+    if scale is None:  # without fp16 nothing is skipped for overflow
+        del scalars["amp/skipped_steps"]
+    return scalars, values[len(tags)] > 0
 
 
 def resolve_data_source(cfg: Config, accelerator: Accelerator) -> None:
@@ -70,8 +84,16 @@ def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
 
 
 def train(cfg: Config) -> dict[str, float]:
-    """Run (or resume) training as configured; returns the last logged scalars."""
+    """Run (or resume) training as configured; returns the last logged scalars.
+
+    SIGUSR1 or SIGTERM (see preemption.py) ends the run early with a checkpoint; starting again resumes.
+    """
     accelerator = build_accelerator(cfg)
+    with StopRequest(accelerator, cfg.train.stop_check_every) as stop:  # before any loader worker forks
+        return run_training(cfg, accelerator, stop)
+
+
+def run_training(cfg: Config, accelerator: Accelerator, stop: StopRequest) -> dict[str, float]:
     resolve_data_source(cfg, accelerator)
     run_dir = prepare_run_dir(cfg, accelerator)
     world = accelerator.num_processes
@@ -85,7 +107,7 @@ def train(cfg: Config) -> dict[str, float]:
     fused = {"fused": True}
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.optim.lr_g * lr_scale, betas=cfg.optim.betas_g, **fused)
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_d * lr_scale, betas=cfg.optim.betas_d, **fused)
-    G, D, opt_g, opt_d = accelerator.prepare(G, D, opt_g, opt_d)
+    G, D, opt_g, opt_d = prepare_gan(accelerator, cfg.ddp.batchnorm, G, D, opt_g, opt_d)
     step_fn = GANStep(accelerator, G, D, opt_g, opt_d, cfg.loss, cfg.model.nz, cfg.run.seed)
 
     fixed_noise = torch.randn(FIXED_NOISE_SAMPLES, cfg.model.nz, 1, 1,
@@ -99,6 +121,9 @@ def train(cfg: Config) -> dict[str, float]:
             seen = state.batch_in_epoch * state.world_size * state.batch_size
             state.batch_in_epoch = seen // (world * cfg.train.batch_size)
         state.world_size, state.batch_size = world, cfg.train.batch_size
+        for opt, lr in ((opt_g, cfg.optim.lr_g), (opt_d, cfg.optim.lr_d)):  # the config and world size decide,
+            for group in opt.param_groups:  # not the checkpoint (scale_lr after a requeue on another node count)
+                group["lr"] = lr * lr_scale
 
     bpe = source.batches_per_epoch
     total = cfg.train.epochs * bpe
@@ -118,8 +143,24 @@ def train(cfg: Config) -> dict[str, float]:
         log.grid("images/real", 0, first.images[:REAL_GRID_SAMPLES])
 
     def save() -> None:
+        """Checkpoint unless the steps went non-finite: the last good checkpoint is never pruned for a bad one."""
+        flags = reduce_mean(accelerator, step_fn.nonfinite_flags(cfg.train.max_nonfinite))
+        limit_hit, last_bad = (v > 0 for v in flags)
+        if limit_hit:
+            stop_nonfinite()
+        if last_bad:
+            log.message(f"[dcgan-train] step {state.step}: not saving, the last step was not finite; "
+                        f"latest good checkpoint: {latest_checkpoint(run_dir) or 'none'}")
+            return
         save_checkpoint(accelerator, run_dir, state, G, D, opt_g, opt_d, step_fn.noise, config_to_yaml(cfg),
                         cfg.ckpt.keep, {"nz": cfg.model.nz, "ngf": cfg.model.ngf, "channels": cfg.model.channels})
+
+    def stop_nonfinite() -> None:
+        log.close()
+        raise NonFiniteError(
+            f"step {state.step}: {cfg.train.max_nonfinite} consecutive steps had a non-finite loss or gradient "
+            f"(train.max_nonfinite) and were skipped; last good checkpoint: {latest_checkpoint(run_dir) or 'none'}; "
+            "try lower optim.lr_g/lr_d or precision=bf16")
 
     def sample_grid() -> None:
         G.eval()
@@ -130,25 +171,29 @@ def train(cfg: Config) -> dict[str, float]:
     last: dict[str, float] = {}
     started = time.perf_counter()
     start_step = state.step
-    while state.step < total and state.epoch < cfg.train.epochs:
+    stopping = False
+    while state.step < total and state.epoch < cfg.train.epochs and not stopping:
         for batch in source.batches(state.epoch, state.batch_in_epoch):
             step_fn(batch.images)
             state.step += 1
             state.batch_in_epoch += 1
             log.advance()
             if state.step % cfg.log.every == 0 or state.step == total:
-                last = dict(zip(STAT_TAGS, reduce_mean(accelerator, step_fn.take_means())))
+                last, limit_hit = reduced_scalars(accelerator, step_fn, cfg.train.max_nonfinite)
                 last["perf/img_per_s"] = log.rate(state.step, images_per_step)
                 last["lr/G"], last["lr/D"] = opt_g.param_groups[0]["lr"], opt_d.param_groups[0]["lr"]
                 log.scalars(state.step, last)
                 log.show({"img/s": last["perf/img_per_s"], "loss/D": last["loss/D"], "loss/G": last["loss/G"]})
+                if limit_hit:
+                    stop_nonfinite()
             if state.step % cfg.log.images_every == 0:
                 sample_grid()
             if state.batch_in_epoch == bpe:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             if state.step % cfg.ckpt.every == 0 and state.step != total:
                 save()
-            if state.step >= total:
+            stopping = stop.should_stop(state.step)
+            if stopping or state.step >= total:
                 break
     if state.step % cfg.log.images_every != 0:
         sample_grid()
@@ -160,6 +205,9 @@ def train(cfg: Config) -> dict[str, float]:
         rate = steps_done * images_per_step / max(elapsed, 1e-9)
         tail = ", ".join(f"{k} {last[k]:.3f}" for k in ("loss/D", "loss/G", "D(x)", "D(G(z))/after_D_step")
                          if k in last)
+        if stopping:
+            print(f"[dcgan-train] stopped by {stop.reason()} at step {state.step}/{total}; start the same "
+                  f"command again to resume from {latest_checkpoint(run_dir)}", flush=True)
         print(f"[dcgan-train] done: step {state.step}/{total}, {steps_done} steps in {elapsed:.1f}s "
               f"({rate:,.0f} img/s); {tail}; run dir {run_dir}", flush=True)
     accelerator.end_training()
@@ -178,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"dcgan-train: error: {exc}", file=sys.stderr)
         return 2
+    except NonFiniteError as exc:
+        print(f"dcgan-train: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

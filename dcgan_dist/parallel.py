@@ -1,0 +1,72 @@
+"""Processes and devices: the Accelerator, BatchNorm across ranks, and the few collectives the loop needs.
+
+Launch with torchrun or `accelerate launch` (launch/accelerate/*.yaml); one process per GPU.
+On CPU, several processes need ACCELERATE_USE_CPU=1 (gloo): without it each process believes
+it is alone and trains an independent copy, which `build_accelerator` refuses.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
+from torch import nn
+
+from dcgan_dist.config import Config, ConfigError
+
+
+def launched_world_size() -> int:
+    """Processes the launcher started (torchrun / accelerate launch set WORLD_SIZE); 1 when run directly."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def build_accelerator(cfg: Config) -> Accelerator:
+    """The run's Accelerator; the config's `precision` wins over the launcher's mixed_precision (with a note).
+
+    DDP does not broadcast buffers: each rank's BatchNorm keeps its own running statistics, and D's
+    two forwards (real, fake) before one backward never trip "modified by an inplace operation".
+    """
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+    accelerator = Accelerator(mixed_precision=cfg.precision, kwargs_handlers=[ddp])
+    launched = launched_world_size()
+    if launched > 1 and accelerator.num_processes != launched:
+        raise ConfigError(
+            f"launch: {launched} processes were started but Accelerate sees {accelerator.num_processes}; "
+            "on CPU set ACCELERATE_USE_CPU=1 (e.g. ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m dcgan_dist.train)")
+    launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", cfg.precision)
+    if launcher_precision != cfg.precision and accelerator.is_main_process:
+        print(f"[dcgan-train] note: the launcher asked for mixed precision {launcher_precision!r}; the run's "
+              f"precision {cfg.precision!r} is used (set precision={launcher_precision} to change it)", flush=True)
+    if cfg.precision == "fp16" and accelerator.device.type != "cuda":
+        raise ConfigError(f"config key 'precision': got 'fp16' on {accelerator.device.type}, expected a CUDA GPU "
+                          "for fp16 (Accelerate has no fp16 autocast or loss scaling there); use 'bf16' or 'no'")
+    if cfg.ddp.batchnorm == "sync" and accelerator.device.type != "cuda":
+        raise ConfigError(f"config key 'ddp.batchnorm': got 'sync' on {accelerator.device.type}, expected CUDA "
+                          "devices (SyncBatchNorm); use 'local'")
+    return accelerator
+
+
+def prepare_gan(accelerator: Accelerator, batchnorm: str, G: nn.Module, D: nn.Module,
+                opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer) -> tuple:
+    """G and D as two separate DDP models (with their optimizers), BatchNorm as `ddp.batchnorm` says.
+
+    `sync` turns every BatchNorm into SyncBatchNorm: same parameters (so the optimizers stay
+    valid) and same state_dict keys (so checkpoints and the generator export do not change).
+    """
+    if batchnorm == "sync":
+        G, D = nn.SyncBatchNorm.convert_sync_batchnorm(G), nn.SyncBatchNorm.convert_sync_batchnorm(D)
+    with warnings.catch_warnings():
+        # torch deprecates broadcast_buffers for forward_sync_buffers, which Accelerate cannot pass yet;
+        # the old flag is the one that syncs no buffers at all, which is what local BatchNorm means.
+        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+        return tuple(accelerator.prepare(G, D, opt_g, opt_d))
+
+
+def any_rank(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every rank when `flag` is true on at least one; a collective every rank must call."""
+    if accelerator.num_processes == 1:
+        return flag
+    votes = torch.tensor([float(flag)], device=accelerator.device)
+    return accelerator.reduce(votes, reduction="sum").item() > 0
