@@ -60,6 +60,7 @@ class DataConfig:
     workers: int = field(default=2, metadata=check(_non_negative))
     pin_memory: bool = True
     split: str = "train"
+    shuffle_buffer: int = field(default=4096, metadata=check(_non_negative))  # shard samples mixed per loader worker; 0: shard order
 
 
 @dataclass
