@@ -150,7 +150,7 @@ def load_checkpoint(accelerator: Accelerator, path: Path, G: nn.Module, D: nn.Mo
         accelerator.scaler.load_state_dict(blob["scaler"])
     rng = blob["rng"]
     if rng.shape[0] == accelerator.num_processes:
-        noise.set_state(rng[accelerator.process_index])
+        noise.set_state(rng[accelerator.process_index].clone())  # a row view at an offset crashes set_state
     else:  # another world size: a fresh, still deterministic stream per rank
         noise.manual_seed(blob["step"] * 7919 + accelerator.process_index)
     return TrainingState(step=blob["step"], epoch=blob["epoch"], batch_in_epoch=blob["batch_in_epoch"],
