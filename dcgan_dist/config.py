@@ -141,6 +141,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp)
     bad = ConfigError(f"config key '{key}': got {value!r}, expected {_describe(tp)}")
     if origin is Literal:
+        if isinstance(value, bool) and ("yes" if value else "no") in typing.get_args(tp):
+            value = "yes" if value else "no"  # YAML 1.1 reads a bare `precision=no` as false
         if value not in typing.get_args(tp):
             raise bad
         return value
