@@ -154,8 +154,10 @@ class GANStep:
             else:  # the skip flags already include bad losses, on every rank alike
                 amp_skipped, nonfinite = torch.zeros_like(skipped_d), torch.maximum(skipped_d, skipped_g)
             self.health += torch.stack([amp_skipped, nonfinite])
-            self.streak = (self.streak + 1) * nonfinite
-            self.worst_streak = torch.maximum(self.worst_streak, self.streak)
+            # Every running tensor is updated in place: a CUDA graph of this step (fastpath.py) replays
+            # into the tensors it captured, so none of them may be replaced by a new one.
+            self.streak.add_(1).mul_(nonfinite)
+            torch.maximum(self.worst_streak, self.streak, out=self.worst_streak)
             self.finite_steps += finite.float()
             self.sums += torch.where(finite, torch.stack([
                 loss_d.detach(), loss_g.detach(),
@@ -191,15 +193,15 @@ class GANStep:
         """Means over the finite steps since the last call (device, `STAT_TAGS` order; NaN if there were
         none); resets the sums."""
         means = self.sums / self.finite_steps
-        self.sums = torch.zeros_like(self.sums)
-        self.finite_steps = torch.zeros_like(self.finite_steps)
+        self.sums.zero_()
+        self.finite_steps.zero_()
         self.count = 0
         return means
 
     def take_health(self) -> torch.Tensor:
         """`HEALTH_TAGS` counts since the last call (device); resets them."""
-        counts = self.health
-        self.health = torch.zeros_like(self.health)
+        counts = self.health.clone()
+        self.health.zero_()
         return counts
 
     def nonfinite_flags(self, limit: int) -> torch.Tensor:
