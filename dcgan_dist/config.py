@@ -114,6 +114,19 @@ class DDPConfig:
 
 
 @dataclass
+class PerfConfig:
+    """Speed settings that leave the math alone; dcgan_dist/fastpath.py applies them and logs what it could not."""
+
+    cuda_graph: bool = True  # one CUDA GPU, no fp16 scaler: the whole step captured once, replayed every step
+    channels_last: bool = True  # CUDA: NHWC activations and weights, cuDNN's fast layout for bf16 convolutions
+    cudnn_benchmark: bool = True  # CUDA: cuDNN times its algorithms once for the run's fixed shapes
+    # DDP gradient buckets (MB): at 2, G's 14.3 MB of fp32 gradients go in buckets of 2.6 / 8.4 / 3.3 MB and
+    # D's 11.1 MB in 8.4 / 2.1 / 0.5, so all but the first layers' all-reduce overlaps the backward;
+    # PyTorch's default 25 leaves 11.7 MB of G's to be sent after its backward ends (docs/performance.md)
+    ddp_bucket_cap_mb: float = field(default=2.0, metadata=check(_positive))
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -125,6 +138,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
     ddp: DDPConfig = field(default_factory=DDPConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
 
 
 def _describe(tp: Any) -> str:

@@ -28,7 +28,7 @@ def build_accelerator(cfg: Config) -> Accelerator:
     DDP does not broadcast buffers: each rank's BatchNorm keeps its own running statistics, and D's
     two forwards (real, fake) before one backward never trip "modified by an inplace operation".
     """
-    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False, bucket_cap_mb=cfg.perf.ddp_bucket_cap_mb)
     accelerator = Accelerator(mixed_precision=cfg.precision, kwargs_handlers=[ddp])
     launched = launched_world_size()
     if launched > 1 and accelerator.num_processes != launched:

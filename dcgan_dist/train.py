@@ -21,6 +21,7 @@ from dcgan_dist.checkpoint import (CHECKPOINT_DIR, TrainingState, latest_checkpo
                                    save_checkpoint)
 from dcgan_dist.config import Config, ConfigError, config_to_dict, config_to_yaml, load_config
 from dcgan_dist.data import BatchSource, make_batch_source
+from dcgan_dist.fastpath import StepRunner, prepare_models
 from dcgan_dist.metrics import TB_DIR, RunLogger, reduce_mean
 from dcgan_dist.models import Discriminator, Generator, count_parameters
 from dcgan_dist.parallel import build_accelerator, prepare_gan
@@ -93,6 +94,20 @@ def train(cfg: Config) -> dict[str, float]:
         return run_training(cfg, accelerator, stop)
 
 
+def build_gan(cfg: Config, accelerator: Accelerator, lr_scale: float = 1) -> tuple:
+    """G, D (the same initial weights on every rank), their fused Adam optimizers, prepared, and the step."""
+    torch.manual_seed(cfg.run.seed)
+    G = Generator(cfg.model.nz, cfg.model.ngf, cfg.model.channels)
+    D = Discriminator(cfg.model.ndf, cfg.model.channels)
+    prepare_models(cfg.perf, accelerator.device, G, D)
+    fused = {"fused": True}
+    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.optim.lr_g * lr_scale, betas=cfg.optim.betas_g, **fused)
+    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_d * lr_scale, betas=cfg.optim.betas_d, **fused)
+    G, D, opt_g, opt_d = prepare_gan(accelerator, cfg.ddp.batchnorm, G, D, opt_g, opt_d)
+    step_fn = GANStep(accelerator, G, D, opt_g, opt_d, cfg.loss, cfg.model.nz, cfg.run.seed)
+    return G, D, opt_g, opt_d, step_fn
+
+
 def run_training(cfg: Config, accelerator: Accelerator, stop: StopRequest) -> dict[str, float]:
     resolve_data_source(cfg, accelerator)
     run_dir = prepare_run_dir(cfg, accelerator)
@@ -100,15 +115,8 @@ def run_training(cfg: Config, accelerator: Accelerator, stop: StopRequest) -> di
     source: BatchSource = make_batch_source(cfg.data, batch_size=cfg.train.batch_size,
                                             rank=accelerator.process_index, world_size=world, seed=cfg.run.seed)
 
-    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    G = Generator(cfg.model.nz, cfg.model.ngf, cfg.model.channels)
-    D = Discriminator(cfg.model.ndf, cfg.model.channels)
     lr_scale = world if cfg.optim.scale_lr else 1
-    fused = {"fused": True}
-    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.optim.lr_g * lr_scale, betas=cfg.optim.betas_g, **fused)
-    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_d * lr_scale, betas=cfg.optim.betas_d, **fused)
-    G, D, opt_g, opt_d = prepare_gan(accelerator, cfg.ddp.batchnorm, G, D, opt_g, opt_d)
-    step_fn = GANStep(accelerator, G, D, opt_g, opt_d, cfg.loss, cfg.model.nz, cfg.run.seed)
+    G, D, opt_g, opt_d, step_fn = build_gan(cfg, accelerator, lr_scale)
 
     fixed_noise = torch.randn(FIXED_NOISE_SAMPLES, cfg.model.nz, 1, 1,
                               generator=torch.Generator().manual_seed(cfg.run.seed)).to(accelerator.device)
@@ -141,6 +149,7 @@ def run_training(cfg: Config, accelerator: Accelerator, stop: StopRequest) -> di
         log.text("config", 0, "```\n" + config_to_yaml(cfg) + "\n```")
         first = next(iter(source.batches(0)))
         log.grid("images/real", 0, first.images[:REAL_GRID_SAMPLES])
+    run_step = StepRunner(step_fn, cfg.perf, log.message)  # after any checkpoint load: a CUDA graph fixes the state
 
     def save() -> None:
         """Checkpoint unless the steps went non-finite: the last good checkpoint is never pruned for a bad one."""
@@ -174,7 +183,7 @@ def run_training(cfg: Config, accelerator: Accelerator, stop: StopRequest) -> di
     stopping = False
     while state.step < total and state.epoch < cfg.train.epochs and not stopping:
         for batch in source.batches(state.epoch, state.batch_in_epoch):
-            step_fn(batch.images)
+            run_step(batch.images)
             state.step += 1
             state.batch_in_epoch += 1
             log.advance()

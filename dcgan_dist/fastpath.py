@@ -1,0 +1,196 @@
+"""The single-GPU fast path: the same GAN step, run at the speed of the hardware.
+
+What it adds to `GANStep` (bf16 autocast, fused Adam and the G step's backward into G alone are the
+step's own), and why; docs/performance.md has the measurements:
+
+* channels_last (CUDA): G and D keep NHWC weights and activations, the layout cuDNN's bf16
+  convolutions run in, so no transposes run around each convolution.
+* cudnn.benchmark (CUDA): a run's shapes never change, so timing cuDNN's algorithms once pays.
+* One CUDA graph for the whole step (one CUDA process, no fp16 loss scaler). At batch 128 an eager
+  step is about a hundred small kernels whose launches take longer than their arithmetic; replaying
+  one captured graph launches them all at once. PyTorch's whole-network recipe: a few eager warm-up
+  steps on a side stream (cuDNN autotuning, Adam's state, the allocator), then one capture of
+  `GANStep.__call__` on a static input buffer, with the optimizers `capturable` and the noise
+  generator registered with the graph, so every replay draws new z exactly as an eager step would
+  and its checkpointed state stays right. The step updates everything in place (weights, Adam
+  moments, BatchNorm running statistics, the statistic sums), so the trainer reads, logs and
+  checkpoints the very tensors the replays write. A replay costs the host one batch copy and one launch.
+
+What the capture fixes: the learning rates and betas (no scheduler changes them) and the optimizer
+state tensors (train.py loads a checkpoint before the first step, so before the capture).
+Where the graph cannot apply, steps run eagerly and the reason is logged once.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from dcgan_dist.config import PerfConfig
+from dcgan_dist.step import GANStep, StepOutput
+
+WARMUP_STEPS = 3  # eager steps on a side stream before the capture, as in PyTorch's one-GPU recipe
+
+
+def fast_memory_format(perf: PerfConfig, device: torch.device) -> torch.memory_format:
+    """channels_last where it pays (CUDA and `perf.channels_last`), else the plain layout."""
+    return torch.channels_last if perf.channels_last and device.type == "cuda" else torch.contiguous_format
+
+
+def prepare_models(perf: PerfConfig, device: torch.device, *models: nn.Module) -> None:
+    """Turn on cuDNN autotuning and put the models in the fast layout (CUDA only), in place.
+
+    The parameters stay the same objects, so optimizers built on them before or after stay valid.
+    """
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = perf.cudnn_benchmark
+    if fast_memory_format(perf, device) == torch.channels_last:
+        for model in models:
+            model.to(memory_format=torch.channels_last)
+
+
+def graph_blocker(perf: PerfConfig, accelerator: Accelerator) -> str | None:
+    """Why the whole step cannot be one CUDA graph here, or None when it can."""
+    if not perf.cuda_graph:
+        return "perf.cuda_graph is false"
+    if accelerator.device.type != "cuda":
+        return f"the device is {accelerator.device.type}, and CUDA graphs need a CUDA GPU"
+    if accelerator.num_processes > 1:
+        return f"{accelerator.num_processes} processes: DDP's all-reduce is not captured, so multi-GPU steps run eagerly"
+    if accelerator.scaler is not None:
+        return "precision fp16: its loss scaler reads the scale on the host every step (bf16 needs no scaler)"
+    if not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
+        return f"torch {torch.__version__} cannot register the noise generator with a graph"
+    return None
+
+
+class StepRunner:
+    """Feeds host batches to a `GANStep`: eagerly, or after warm-up as replays of one captured CUDA graph.
+
+    Called like the step (`runner(images, collect_grad_norms=False) -> StepOutput`). A replay returns
+    the captured outputs, which the next step overwrites. Steps that collect gradient norms, and
+    batches of another shape than the captured one, run eagerly between replays (the graph holds no
+    norms; its shapes are fixed).
+    """
+
+    def __init__(self, step: GANStep, perf: PerfConfig, log: Callable[[str], None], warmup_steps: int = WARMUP_STEPS):
+        self.step, self.log, self.warmup_steps = step, log, warmup_steps
+        self.device = step.accelerator.device
+        self.memory_format = fast_memory_format(perf, self.device)
+        self.graph_off = graph_blocker(perf, step.accelerator)  # None: the graph is (to be) used
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: StepOutput | None = None  # the captured step's outputs, rewritten by every replay
+        self.static: torch.Tensor | None = None  # the captured input batch (uint8, device, fast layout)
+        self.warmed = 0
+        self._noted: set[str] = set()
+        layout = "channels_last" if self.memory_format == torch.channels_last else "contiguous"
+        autotune = self.device.type == "cuda" and torch.backends.cudnn.benchmark
+        how = (f"one CUDA graph of the whole step after {warmup_steps} eager warm-up steps" if self.graph_off is None
+               else f"eager steps ({self.graph_off})")
+        log(f"[dcgan-train] fast path: precision {step.accelerator.mixed_precision}, {layout} layout, "
+            f"cuDNN autotuning {'on' if autotune else 'off'}, fused Adam; {how}")
+
+    def __call__(self, images: torch.Tensor, collect_grad_norms: bool = False) -> StepOutput:
+        if self.graph_off is not None:
+            return self.step(self._on_device(images), collect_grad_norms)
+        if not self._stage(images):
+            self._note(f"a batch of shape {tuple(images.shape)} is not the captured {tuple(self.static.shape)}; "
+                       "such batches run eagerly")
+            return self.step(self._on_device(images), collect_grad_norms)
+        if collect_grad_norms:
+            self._note("steps that collect gradient norms (diagnostics) run eagerly: the graph computes none")
+            return self.step(self.static, collect_grad_norms=True)
+        if self.graph is None:
+            if self.warmed < self.warmup_steps:
+                return self._warm_up()
+            if not self._capture():
+                return self.step(self.static)
+        self.graph.replay()
+        self.step.count += 1
+        return self.out
+
+    def _note(self, message: str) -> None:
+        if message not in self._noted:
+            self._noted.add(message)
+            self.log(f"[dcgan-train] fast path: {message}")
+
+    def _on_device(self, images: torch.Tensor) -> torch.Tensor:
+        """The batch for an eager step: on the device in the models' layout (CPU: as it is; the step moves it)."""
+        if self.device.type != "cuda":
+            return images
+        return images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+
+    def _stage(self, images: torch.Tensor) -> bool:
+        """Copy the batch into the static input; False if its shape or dtype is not the static one.
+
+        A host batch goes through a staging buffer on a copy stream, so its transfer overlaps the
+        previous replay; the layout change to channels_last happens in the device-to-device copy.
+        """
+        if self.static is None:
+            self.static = torch.empty(images.shape, dtype=images.dtype, device=self.device,
+                                      memory_format=self.memory_format)
+            self._staging = torch.empty(images.shape, dtype=images.dtype, device=self.device)
+            self._copy_stream, self._side_stream = torch.cuda.Stream(self.device), torch.cuda.Stream(self.device)
+            self._staged, self._staging_free = torch.cuda.Event(), torch.cuda.Event()
+        if images.shape != self.static.shape or images.dtype != self.static.dtype:
+            return False
+        main = torch.cuda.current_stream(self.device)
+        if images.device.type == "cuda":
+            self.static.copy_(images)
+            return True
+        self._copy_stream.wait_event(self._staging_free)  # the previous batch has left the staging buffer
+        with torch.cuda.stream(self._copy_stream):
+            self._staging.copy_(images, non_blocking=True)
+            self._staged.record()
+        main.wait_event(self._staged)
+        self.static.copy_(self._staging)
+        self._staging_free.record(main)
+        return True
+
+    def _warm_up(self) -> StepOutput:
+        """One real training step, eagerly on a side stream (cuDNN autotuning and lazy state happen here)."""
+        main = torch.cuda.current_stream(self.device)
+        self._side_stream.wait_stream(main)
+        with torch.cuda.stream(self._side_stream):
+            out = self.step(self.static)
+        main.wait_stream(self._side_stream)
+        self.warmed += 1
+        return out
+
+    def _capture(self) -> bool:
+        """Capture one step on the static batch (nothing runs yet); on failure log why and stay eager."""
+        step = self.step
+        for opt in (step.opt_g, step.opt_d):
+            for group in getattr(opt, "optimizer", opt).param_groups:
+                group["capturable"] = True  # Adam's check that its step may be captured; fused math is unchanged
+        graph = torch.cuda.CUDAGraph()
+        graph.register_generator_state(step.noise)  # each replay advances z's generator like an eager step
+        noise_state, count = step.noise.get_state(), step.count
+        try:
+            # thread_local: the DataLoader's pin-memory thread keeps allocating pinned memory meanwhile,
+            # which global mode would count against the capture.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                out = step(self.static)
+        except Exception as exc:  # noqa: BLE001 - any capture failure means eager steps, with the reason
+            first = (str(exc).strip().splitlines() or [""])[0]
+            self.graph_off = f"the capture failed ({type(exc).__name__}: {first})"
+            self._restore_after_failed_capture(noise_state, count)
+            self.log(f"[dcgan-train] fast path: eager steps from here on, {self.graph_off}")
+            return False
+        step.count = count  # the capture recorded the step without running it; the replay runs it
+        self.graph, self.out = graph, out
+        return True
+
+    def _restore_after_failed_capture(self, noise_state: torch.Tensor, count: int) -> None:
+        """Undo the host-side effects of a half-recorded step (no kernel of it ran)."""
+        step = self.step
+        step.D_bare.requires_grad_(True)
+        step.opt_g.zero_grad(set_to_none=True)
+        step.opt_d.zero_grad(set_to_none=True)
+        step.count = count
+        fresh = torch.Generator(device=self.device)  # the old one may still think it is being captured
+        fresh.set_state(noise_state)
+        step.noise = fresh
+        torch.cuda.synchronize(self.device)
