@@ -8,10 +8,11 @@ with line-numbered errors, so a damaged download is named instead of silently mi
 from __future__ import annotations
 
 import gc
+import os
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Callable, Iterator
 
 from dcgan_dist.data.images import IMAGE_SUFFIXES, list_images
@@ -98,8 +99,7 @@ def image_id(name: str) -> str:
 
 def _is_junk(member: str) -> bool:
     """macOS archive litter (`__MACOSX/`, `._name`), which shadows real images with the same ids."""
-    parts = PurePosixPath(member).parts
-    return "__MACOSX" in parts or parts[-1].startswith("._")
+    return member.startswith("__MACOSX/") or "/__MACOSX/" in member or member[member.rfind("/") + 1:].startswith("._")
 
 
 def find_source(path: Path) -> CelebaSource:
@@ -132,7 +132,7 @@ def list_entries(source: CelebaSource) -> list[ImageEntry]:
                 infos = [(i.filename, i.file_size) for i in zf.infolist() if not i.is_dir()]
         except (zipfile.BadZipFile, OSError) as e:
             raise ShardError(f"{source.images}: not a readable zip ({e}); a truncated download?") from None
-        members = [(m, s) for m, s in infos if PurePosixPath(m).suffix.lower() in IMAGE_SUFFIXES]
+        members = [(m, s) for m, s in infos if os.path.splitext(m)[1].lower() in IMAGE_SUFFIXES]
     else:
         members = [(p.relative_to(source.images).as_posix(), p.stat().st_size) for p in list_images(source.images)]
     entries, seen = [], {}
