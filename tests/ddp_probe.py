@@ -16,15 +16,13 @@ import signal
 import sys
 from pathlib import Path
 
-import torch
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from dcgan_dist.config import load_config
 from dcgan_dist.data import make_batch_source
-from dcgan_dist.models import Discriminator, Generator
-from dcgan_dist.parallel import build_accelerator, prepare_gan
+from dcgan_dist.parallel import build_accelerator
 from dcgan_dist.preemption import StopRequest
-from dcgan_dist.step import GANStep
+from dcgan_dist.train import build_gan
 
 
 def digest(tensors) -> str:
@@ -41,12 +39,7 @@ def main() -> None:
     rank, world = acc.process_index, acc.num_processes
     source = make_batch_source(cfg.data, batch_size=cfg.train.batch_size, rank=rank, world_size=world,
                                seed=cfg.run.seed)
-    torch.manual_seed(cfg.run.seed)
-    G, D = Generator(cfg.model.nz, cfg.model.ngf), Discriminator(cfg.model.ndf)
-    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.optim.lr_g, betas=cfg.optim.betas_g, fused=True)
-    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_d, betas=cfg.optim.betas_d, fused=True)
-    G, D, opt_g, opt_d = prepare_gan(acc, cfg.ddp.batchnorm, G, D, opt_g, opt_d)
-    step_fn = GANStep(acc, G, D, opt_g, opt_d, cfg.loss, cfg.model.nz, cfg.run.seed)
+    G, D, opt_g, opt_d, step_fn = build_gan(cfg, acc)
 
     d_allreduces = [0]
 
