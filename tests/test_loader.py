@@ -286,3 +286,14 @@ def test_benchmark_small_mode_writes_its_table(tmp_path):
     assert {row["format"] for row in loads} == {"png", "jpg", "npy"}
     assert {row["workers"] for row in loads} >= {0, 2}
     assert all(row["img_per_s"] > 0 for row in table["rows"])
+
+
+def test_an_abandoned_epoch_does_not_disturb_the_next(uneven):
+    """The trainer takes one batch for its real-image grid, then runs epochs on the same (persistent) workers."""
+    folder, _ = uneven
+    src = source(folder, workers=2, batch=12, rank=1, world=2)
+    grid = src.batches(0)
+    next(grid)
+    assert epoch_keys(src, 1) == epoch_keys(source(folder, workers=2, batch=12, rank=1, world=2), 1)
+    with pytest.raises(RuntimeError, match="one epoch at a time"):
+        next(grid)

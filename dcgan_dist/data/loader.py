@@ -10,11 +10,12 @@ manifest.json by `dcgan-shards`. Design, and why:
   takes the contiguous range [r P, (r + 1) P) with P = batches_per_epoch x batch_size and
   batches_per_epoch = floor(samples / (world_size x batch_size)); ranges may begin and end inside a
   shard. The few samples left over differ from epoch to epoch.
-* Worker splitting in whole batches. A rank's range is cut into `max(1, data.workers)` contiguous
-  streams; batch j of the rank comes from stream j % W. The DataLoader collects from its workers
-  round-robin, so that order is exactly what it yields. Fewer shards than ranks x workers is fine
-  (streams share shards); a stream with no batch is never started, so no worker sits idle. The order
-  depends on (seed, epoch, rank, world_size, workers): resume with the same `data.workers`.
+* Worker splitting in whole batches. A rank's range is cut into W = max(1, min(data.workers,
+  batches_per_epoch)) contiguous streams; batch j of the rank comes from stream j % W. The DataLoader
+  collects from its workers round-robin, so that order is exactly what it yields. Fewer shards than
+  ranks x workers is fine (streams share shards), and every worker has batches, so none sits idle.
+  Workers persist across epochs. The order depends on (seed, epoch, rank, world_size, W): resume
+  with the same `data.workers`.
 * Shuffling. Shards are reshuffled every epoch; within a stream, samples pass through a seeded
   buffer of `data.shuffle_buffer` samples (WebDataset's shuffle, drawn on sample indices in advance).
   Because the order is known before anything is read, `batches(epoch, start)` skips shards no
@@ -272,7 +273,9 @@ def decode_batch(fmt: str, items: list[tuple[ShardSamples, int]]) -> torch.Tenso
     """uint8 (N, 3, 64, 64), contiguous, for samples given as (shard, index in shard).
 
     npy: one gather and HWC -> CHW copy per shard in the batch (numpy, single-threaded: torch's uint8
-    permute().contiguous() is no faster on one thread and 10x slower with two). png/jpg: torchvision.
+    permute().contiguous() is no faster on one thread and 10x slower with two). png/jpg: one
+    torchvision decode per image, 1.4x (png) and 2.3x (jpg) PIL's speed on 64x64 faces here; torchvision
+    0.29 deprecates it in favour of torchcodec, so a future torchvision needs this call replaced.
     """
     images = torch.empty((len(items), 3, SIZE, SIZE), dtype=torch.uint8)
     if fmt == "npy":
@@ -325,8 +328,9 @@ def read_samples(path: Path, split: str = "train", limit: int | None = None) -> 
 def buffer_shuffle_order(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
     """The order a `buffer`-sample shuffle buffer emits a stream of n samples in (stream indices).
 
-    Output t is drawn uniformly from the buffer holding stream items up to buffer + t, exactly as
-    WebDataset's `shuffle(buffer)`, but computed on indices before any payload is read.
+    Output t is drawn uniformly from the buffer, which then holds stream items below buffer + t:
+    WebDataset's `shuffle(buffer)` (less its smaller initial fill), computed on indices before any
+    payload is read, so a resumed epoch knows what it may skip.
     """
     if buffer <= 1 or n <= 1:
         return np.arange(n)
@@ -354,17 +358,21 @@ class _Failure:
 
 
 class _EpochBatches(IterableDataset):
-    """One epoch of one rank from batch `start`, as DataLoader worker i of a round-robin sees it."""
+    """One rank's batches of the epoch in `plan` = (epoch, start), as DataLoader worker i of a round-robin sees it.
 
-    def __init__(self, source: "ShardBatchSource", epoch: int, start: int):
+    `plan` is a shared-memory tensor the main process sets before each epoch, so persistent workers
+    (no fork and setup per epoch: about 0.4 s to the first batch on a 2-core machine) follow along.
+    """
+
+    def __init__(self, source: "ShardBatchSource", plan: torch.Tensor):
         self.fmt, self.shards, self.batch_size = source.format, source.shards, source.batch_size
         self.streams, self.buffer, self.batches_per_epoch = source.streams, source.cfg.shuffle_buffer, source.batches_per_epoch
-        self.epoch, self.start, self.seed = epoch, start, source.seed
-        self.rank, self.world_size = source.rank, source.world_size
+        self.seed, self.rank, self.world_size, self.plan = source.seed, source.rank, source.world_size, plan
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, list[str]] | _Failure]:
+        self.epoch, start = self.plan.tolist()
         info = get_worker_info()
-        first = self.start + (info.id if info is not None else 0)
+        first = start + (info.id if info is not None else 0)
         if first >= self.batches_per_epoch:
             return
         try:
@@ -425,25 +433,51 @@ class ShardBatchSource:
                 f"shard folder {self.path}: split {cfg.split!r} has {self.samples} samples, expected at least "
                 f"{world_size * batch_size} (train.batch_size x processes)"
             )
-        self.streams = max(1, cfg.workers)  # W: the rank's range is cut into this many streams
+        self.workers = min(cfg.workers, self.batches_per_epoch)  # every worker gets a batch from the start
+        self.streams = max(1, self.workers)  # W: the rank's range is cut into this many streams
+        self._plan = torch.zeros(2, dtype=torch.int64)  # (epoch, start) of the current batches() call
+        if self.workers:
+            self._plan.share_memory_()
+        self._loader = self._new_loader()
+        self._generation = 0  # batches() calls so far: an older, unfinished one must not read the newer epoch
+
+    def _new_loader(self) -> DataLoader:
+        """Persistent workers on `_EpochBatches`; its own generator, since DataLoader draws a worker
+        base seed per iterator that would otherwise consume the global torch RNG the trainer's resume
+        reproduces."""
+        return DataLoader(_EpochBatches(self, self._plan), batch_size=None, collate_fn=_as_is,
+                          num_workers=self.workers, persistent_workers=self.workers > 0,
+                          pin_memory=self.cfg.pin_memory and torch.cuda.is_available(), generator=torch.Generator())
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """This rank's batches of `epoch` from batch `start`; one epoch at a time (the workers are shared)."""
         if not 0 <= start <= self.batches_per_epoch:
             raise ValueError(f"start: got {start}, expected 0 to {self.batches_per_epoch}")
-        workers = min(self.cfg.workers, self.batches_per_epoch - start)
-        # Own generator: DataLoader draws a worker base seed per iterator, which would otherwise consume
-        # the global torch RNG that the trainer's resume reproduces.
-        loader = DataLoader(_EpochBatches(self, epoch, start), batch_size=None, collate_fn=_as_is,
-                            num_workers=workers, pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
-                            generator=torch.Generator())
-        for item in loader:
-            if isinstance(item, _Failure):
-                raise ConfigError(item.message)
-            images, keys = item
-            yield Batch(images, keys)
+        self._generation += 1
+        generation = self._generation
+        self._plan[0], self._plan[1] = epoch, start
+        iterator = iter(self._loader)  # restarts the persistent workers on the new plan
+        while True:
+            if generation != self._generation:
+                raise RuntimeError("ShardBatchSource.batches: a later batches() call has taken over the loader; "
+                                   "iterate one epoch at a time")
+            try:
+                item = next(iterator, None)
+                if isinstance(item, _Failure):
+                    raise ConfigError(item.message)
+            except Exception:
+                # Stop the workers now. Left to a traceback in a reference cycle, the garbage collector
+                # would close the DataLoader's queues before its shutdown, and each worker's join would
+                # time out (5 s).
+                del iterator
+                self._loader = self._new_loader()
+                raise
+            if item is None:
+                return
+            yield Batch(*item)
 
     def describe(self) -> str:
         return (f"{self.format} shards {self.path} (split {self.cfg.split}): {self.samples} samples in "
                 f"{len(self.shards)} shards, {self.batches_per_epoch} batches of {self.batch_size} per epoch per "
-                f"process ({self.world_size} processes, {self.streams} streams each, shuffle buffer "
+                f"process ({self.world_size} processes, {self.workers} loader workers each, shuffle buffer "
                 f"{self.cfg.shuffle_buffer})")
