@@ -8,6 +8,7 @@ with line-numbered errors, so a damaged download is named instead of silently mi
 from __future__ import annotations
 
 import gc
+import multiprocessing
 import os
 import zipfile
 from contextlib import contextmanager
@@ -76,6 +77,16 @@ class CelebaLists:
     @property
     def partition_file(self) -> str:
         return self.files.get(PARTITION, PARTITION + ".txt")
+
+
+def process_pool(processes: int, initializer: Callable | None = None, initargs: tuple = ()):
+    """A worker pool that is safe to open from a process that already runs threads.
+
+    The trainer (torch, accelerate, tensorboard threads) builds the synthetic shards itself;
+    workers forked from such a process can deadlock on a lock copied mid-use, so they are
+    started by a clean fork server instead.
+    """
+    return multiprocessing.get_context("forkserver").Pool(processes, initializer, initargs)
 
 
 @contextmanager

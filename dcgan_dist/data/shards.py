@@ -18,7 +18,6 @@ import sys
 import tarfile
 import time
 from collections import Counter
-from multiprocessing import Pool
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -27,7 +26,8 @@ from PIL import Image, UnidentifiedImageError
 
 import dcgan_dist
 from dcgan_dist.data.celeba import (
-    SPLITS, CelebaLists, CelebaSource, ShardError, find_source, gc_paused, list_entries, open_reader, read_lists,
+    SPLITS, CelebaLists, CelebaSource, ShardError, find_source, gc_paused, list_entries, open_reader, process_pool,
+    read_lists,
 )
 from dcgan_dist.data.synth import SYNTH_JSON, write_synthetic_celeba
 
@@ -331,7 +331,7 @@ def _run_workers(tasks: list, writers: dict[str, _SplitWriter], *, workers: int,
                  log: Callable[[str], None]) -> None:
     """Encode the tasks in parallel and hand the results, in input order, to their split's writer."""
     todo, done, started = sum(len(t[2]) for t in tasks), 0, time.perf_counter()
-    with Pool(min(workers, len(tasks)), _init_worker, initargs) as pool:
+    with process_pool(min(workers, len(tasks)), _init_worker, initargs) as pool:
         for split, position, results in pool.imap(_encode_chunk, tasks):
             writer = writers[split]
             before = len(writer.finished)
@@ -525,7 +525,7 @@ def verify_shards(out: Path, workers: int | None = None) -> list[str]:
         raise ShardError(f"{out / MANIFEST_NAME}: expected a shard manifest written by dcgan-shards build "
                          f"({type(e).__name__}: {e})") from None
     problems = []
-    with Pool(max(1, min(workers or _default_workers(), len(tasks)))) as pool:
+    with process_pool(max(1, min(workers or _default_workers(), len(tasks)))) as pool:
         for found in pool.imap(_check_shard, tasks):
             problems += found
     for split in SPLITS:
