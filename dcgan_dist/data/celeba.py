@@ -84,9 +84,12 @@ def process_pool(processes: int, initializer: Callable | None = None, initargs: 
 
     The trainer (torch, accelerate, tensorboard threads) builds the synthetic shards itself;
     workers forked from such a process can deadlock on a lock copied mid-use, so they are
-    started by a clean fork server instead.
+    started by a clean fork server instead, which imports the builders once so that each
+    pool's workers start in milliseconds.
     """
-    return multiprocessing.get_context("forkserver").Pool(processes, initializer, initargs)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["dcgan_dist.data.shards", "dcgan_dist.data.synth"])
+    return context.Pool(processes, initializer, initargs)
 
 
 @contextmanager
