@@ -370,28 +370,28 @@ class _EpochBatches(IterableDataset):
         self.seed, self.rank, self.world_size, self.plan = source.seed, source.rank, source.world_size, plan
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, list[str]] | _Failure]:
-        self.epoch, start = self.plan.tolist()
+        epoch, start = self.plan.tolist()
         info = get_worker_info()
         first = start + (info.id if info is not None else 0)
         if first >= self.batches_per_epoch:
             return
         try:
             # This worker yields rank batches first, first + W, ...: stream first % W from its batch first // W.
-            yield from self._stream(first % self.streams, first // self.streams)
+            yield from self._stream(epoch, first % self.streams, first // self.streams)
         except ConfigError as e:
             yield _Failure(str(e))
 
-    def _stream(self, w: int, start: int) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    def _stream(self, epoch: int, w: int, start: int) -> Iterator[tuple[torch.Tensor, list[str]]]:
         B, W, nb = self.batch_size, self.streams, self.batches_per_epoch
         counts = [nb // W + (v < nb % W) for v in range(W)]
         lo = (self.rank * nb + sum(counts[:w])) * B
         n = counts[w] * B
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, self.world_size, W, w])
+        rng = np.random.default_rng([self.seed, epoch, self.rank, self.world_size, W, w])
         order = buffer_shuffle_order(n, self.buffer, rng)
         wanted = np.zeros(n, bool)
         wanted[order[start * B:]] = True
         held: dict[int, tuple[ShardSamples, int]] = {}  # stream index -> (its shard, index in shard)
-        segments = iter(self._segments(lo, lo + n))
+        segments = iter(self._segments(epoch, lo, lo + n))
         read_upto = 0  # stream indices < read_upto have been read (or were not wanted)
         for b in range(start, counts[w]):
             emit = order[b * B:(b + 1) * B].tolist()
@@ -406,10 +406,10 @@ class _EpochBatches(IterableDataset):
             items = [held.pop(i) for i in emit]
             yield decode_batch(self.fmt, items), [samples.keys[s] for samples, s in items]
 
-    def _segments(self, lo: int, hi: int) -> Iterator[tuple[ShardFile, int, int]]:
+    def _segments(self, epoch: int, lo: int, hi: int) -> Iterator[tuple[ShardFile, int, int]]:
         """(shard, first, last) pieces covering positions [lo, hi) of this epoch's shard order."""
         pos = 0
-        for s in epoch_permutation(len(self.shards), self.seed, self.epoch).tolist():
+        for s in epoch_permutation(len(self.shards), self.seed, epoch).tolist():
             shard = self.shards[s]
             a, b = max(lo, pos), min(hi, pos + shard.samples)
             if a < b:
