@@ -6,6 +6,7 @@ normalises them there, so workers never spend time on float conversion.
 """
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Protocol
@@ -19,6 +20,12 @@ from dcgan_dist.config import ConfigError, DataConfig
 class Batch:
     images: torch.Tensor  # uint8 (N, C, H, W), CPU, pinned when the source pins
     keys: list[str]  # sample ids, so tests can check which rank saw what
+
+
+def worker_ignores_sigterm(_worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: a scheduler that sends SIGTERM to every process of a job would kill
+    the workers mid-batch; they leave with their parent instead, after it has checkpointed."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class BatchSource(Protocol):

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from dcgan_dist.config import ConfigError, DataConfig
-from dcgan_dist.data import Batch
+from dcgan_dist.data import Batch, worker_ignores_sigterm
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
 
@@ -71,7 +71,8 @@ class ImageFolderSource:
         mine = order[self.rank::self.world_size][:per_rank]
         index_batches = mine[start * self.batch_size:].view(-1, self.batch_size).tolist()
         loader = DataLoader(self.dataset, batch_sampler=index_batches, num_workers=self.cfg.workers,
-                            collate_fn=_collate, pin_memory=self.cfg.pin_memory and torch.cuda.is_available())
+                            collate_fn=_collate, pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
+                            worker_init_fn=worker_ignores_sigterm)
         yield from loader
 
     def describe(self) -> str:

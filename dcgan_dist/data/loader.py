@@ -54,7 +54,7 @@ from torchvision.io import ImageReadMode, decode_image
 from webdataset.tariterators import tar_file_iterator
 
 from dcgan_dist.config import ConfigError, DataConfig
-from dcgan_dist.data import Batch
+from dcgan_dist.data import Batch, worker_ignores_sigterm
 from dcgan_dist.data.images import epoch_permutation
 
 MANIFEST = "manifest.json"
@@ -447,7 +447,8 @@ class ShardBatchSource:
         reproduces."""
         return DataLoader(_EpochBatches(self, self._plan), batch_size=None, collate_fn=_as_is,
                           num_workers=self.workers, persistent_workers=self.workers > 0,
-                          pin_memory=self.cfg.pin_memory and torch.cuda.is_available(), generator=torch.Generator())
+                          pin_memory=self.cfg.pin_memory and torch.cuda.is_available(), generator=torch.Generator(),
+                          worker_init_fn=worker_ignores_sigterm)
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         """This rank's batches of `epoch` from batch `start`; one epoch at a time (the workers are shared)."""
