@@ -116,14 +116,15 @@ class DiagConfig:
     samples: int = field(default=256, metadata=check(_positive))  # generated per check (coverage, feature spread)
     similarity_samples: int = field(default=64, metadata=check(_positive))  # the first of them, for MS-SSIM pairs
     real_samples: int = field(default=1536, metadata=check(_positive))  # real reference (a third held out)
-    reference_checks: int = field(default=3, metadata=check(_positive))  # G's early gradient norm: their mean
-    warmup_steps: int = field(default=500, metadata=check(_non_negative))  # mode_collapse is judged from here on
+    reference_checks: int = field(default=3, metadata=check(_positive))  # G's early gradient norm: their largest
+    warmup_steps: int = field(default=200, metadata=check(_non_negative))  # mode_collapse is judged from here on
     vanishing_ratio: float = field(default=0.1, metadata=check(_unit_open))
     vanishing_floor: float = field(default=0.0, metadata=check(_non_negative))
     vanishing_d_fake: float = field(default=0.05, metadata=check(_unit_closed))  # "D wins": D(G(z)) below this
     vanishing_patience: int = field(default=3, metadata=check(_positive))
     collapse_diversity_ratio: float = field(default=0.5, metadata=check(_unit_open))
     collapse_coverage: float = field(default=0.5, metadata=check(_unit_closed))
+    collapse_d_fake: float = field(default=0.1, metadata=check(_unit_closed))  # D still accepts: D(G(z)) at least this
     coverage_min_share: float = field(default=0.25, metadata=check(_unit_closed))  # of N/modes samples, to count
     collapse_patience: int = field(default=2, metadata=check(_positive))
 

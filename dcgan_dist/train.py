@@ -21,6 +21,7 @@ from dcgan_dist.checkpoint import (CHECKPOINT_DIR, TrainingState, latest_checkpo
                                    save_checkpoint)
 from dcgan_dist.config import Config, ConfigError, config_to_dict, config_to_yaml, load_config
 from dcgan_dist.data import BatchSource, make_batch_source
+from dcgan_dist.diagnostics import Diagnostics
 from dcgan_dist.fastpath import StepRunner, prepare_models
 from dcgan_dist.metrics import TB_DIR, RunLogger, reduce_mean
 from dcgan_dist.models import Discriminator, Generator, count_parameters
@@ -150,6 +151,7 @@ def run_training(cfg: Config, accelerator: Accelerator, stop: StopRequest) -> di
         first = next(iter(source.batches(0)))
         log.grid("images/real", 0, first.images[:REAL_GRID_SAMPLES])
     run_step = StepRunner(step_fn, cfg.perf, log.message)  # after any checkpoint load: a CUDA graph fixes the state
+    diagnostics = Diagnostics.for_run(cfg, accelerator, source, run_dir, state.step, log)
 
     def save() -> None:
         """Checkpoint unless the steps went non-finite: the last good checkpoint is never pruned for a bad one."""
@@ -183,8 +185,11 @@ def run_training(cfg: Config, accelerator: Accelerator, stop: StopRequest) -> di
     stopping = False
     while state.step < total and state.epoch < cfg.train.epochs and not stopping:
         for batch in source.batches(state.epoch, state.batch_in_epoch):
-            run_step(batch.images)
+            diagnose = diagnostics is not None and diagnostics.due(state.step + 1)
+            out = run_step(batch.images, collect_grad_norms=diagnose)
             state.step += 1
+            if diagnose:
+                diagnostics(state.step, out, accelerator.unwrap_model(G), log)
             state.batch_in_epoch += 1
             log.advance()
             if state.step % cfg.log.every == 0 or state.step == total:
