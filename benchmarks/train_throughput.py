@@ -420,10 +420,11 @@ CASES: dict[str, Callable[[dict], object]] = {"loaders": case_loaders, "step": c
 # step: bf16 + channels_last + fused Adam + G-only backward, eager, and the same in one CUDA graph.
 REFERENCE_H100_STEP_MS = {128: {"eager": 128 / 13_121 * 1e3, "graph": 128 / 44_845 * 1e3},
                           1024: {"eager": 1024 / 79_522 * 1e3, "graph": 1024 / 80_617 * 1e3}}
-# Interconnects: all-reduce bus bandwidth NCCL reaches on messages of a few MB, and latency per all-reduce.
+# Interconnects: all-reduce bus bandwidth NCCL reaches on messages of a few MB, latency per all-reduce, and the
+# GPU counts they serve (an HGX H100 node's NVLink joins 8 GPUs; 64 GPUs are 8 nodes, bound by InfiniBand).
 # Assumptions to be replaced by nccl-tests figures measured on the machines at hand.
-LINKS = {"NVLink (H100 SXM, NVSwitch)": {"bus_gb_s": 150.0, "latency_us": 20.0},
-         "InfiniBand NDR 400 Gb/s per GPU": {"bus_gb_s": 25.0, "latency_us": 40.0}}
+LINKS = {"NVLink (H100 SXM, NVSwitch)": {"bus_gb_s": 150.0, "latency_us": 20.0, "gpus": [2, 8]},
+         "InfiniBand NDR 400 Gb/s per GPU": {"bus_gb_s": 25.0, "latency_us": 40.0, "gpus": [2, 8, 64]}}
 BACKWARD_SHARE = {"D": 0.3, "G": 0.4}  # the share of a step's GPU time each backward (D step, G step) takes
 
 
@@ -454,7 +455,7 @@ def scaling_model(step_ms: dict[int, dict[str, float]], cap_mb: float, ngf: int 
            "links": LINKS, "backward_share": BACKWARD_SHARE, "predictions": []}
     for batch, times in sorted(step_ms.items()):
         for name, link in LINKS.items():
-            for gpus in (2, 8, 64):
+            for gpus in link["gpus"]:
                 exposed = 0.0
                 for net, sizes in buckets.items():
                     comm = [allreduce_ms(b, gpus, link) for b in sizes]
