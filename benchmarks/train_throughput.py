@@ -85,6 +85,7 @@ class Sizes:
     step_images: int  # images per timed step-alone loop
     step_warmup: int  # untimed steps first (the fast path's warm-up and capture among them)
     window_images: int  # images per timed trainer interval (after one untimed interval)
+    diag_every: int  # the row with diagnostics on: steps between checks (the trainer's default is 50)
     curve_steps: int
     curve_batch: int
     resume_steps: int  # the resume check: K steps, checkpoint, K more; against 2K uninterrupted
@@ -93,10 +94,10 @@ class Sizes:
 
 FULL = Sizes(images=100_000, shard_size=5000, batches=(128, 1024), reference_workers=(2, 16),
              loader_workers=(4, 8, 12), ngf=64, ndf=64, reference_steps=30, step_images=40_000, step_warmup=10,
-             window_images=60_000, curve_steps=300, curve_batch=128, resume_steps=60, budget_s=450)
+             window_images=60_000, diag_every=50, curve_steps=300, curve_batch=128, resume_steps=60, budget_s=450)
 SMALL = Sizes(images=480, shard_size=96, batches=(8, 32), reference_workers=(1, 2), loader_workers=(0, 1),
-              ngf=8, ndf=8, reference_steps=4, step_images=96, step_warmup=2, window_images=64, curve_steps=24,
-              curve_batch=8, resume_steps=4, budget_s=240)
+              ngf=8, ndf=8, reference_steps=4, step_images=96, step_warmup=2, window_images=64, diag_every=4,
+              curve_steps=24, curve_batch=8, resume_steps=4, budget_s=240)
 
 
 # ------------------------------------------------------------------------------------------ (a) the reference
@@ -305,20 +306,25 @@ def _train_quietly(cfg: Config) -> tuple[dict, list[str]]:
     return last, [line for line in lines if "fast path" in line or "resumed from" in line]
 
 
+TRAINER_KINDS = {  # kind: row name, what, overrides
+    "fast": ("(c) trainer fast path", "end to end from shards (bf16)", [*FAST, "diag.enabled=false"]),
+    "eager": ("(b) trainer eager", "end to end from shards (bf16)", [*EAGER, "diag.enabled=false"]),
+    "fast+diag": ("(c) trainer fast path", "end to end, diagnostics on (eager steps, samples)", FAST),
+}
+
+
 def case_trainer(spec: dict) -> list[dict]:
     """(b) or (c): `train()` end to end from shards; the rate of the second of two equal log intervals."""
-    batch, kind = spec["batch"], spec["kind"]
+    batch, (case, what, overrides) = spec["batch"], TRAINER_KINDS[spec["kind"]]
     window = max(4, spec["window_images"] // batch)
-    run_dir = Path(spec["work"]) / f"run-{kind}-{batch}"
-    cfg = config(spec, batch, *(FAST if kind == "fast" else EAGER), f"run.dir={run_dir}", "run.fresh=true",
+    run_dir = Path(spec["work"]) / f"run-{spec['kind']}-{batch}"
+    cfg = config(spec, batch, *overrides, f"run.dir={run_dir}", "run.fresh=true", f"diag.every={spec['diag_every']}",
                  f"data.workers={spec['workers']}", "train.epochs=1000", f"train.max_steps={2 * window}",
                  f"log.every={window}", f"log.images_every={10 * window}", f"ckpt.every={10 * window}")
     last, notes = _train_quietly(cfg)
     rate = last["perf/img_per_s"]
     shutil.rmtree(run_dir, ignore_errors=True)
-    label = {"eager": "(b) trainer eager", "fast": "(c) trainer fast path"}[kind]
-    return [row(label, "end to end from shards (bf16)", batch, window * batch, window * batch / rate,
-                workers=spec["workers"], notes=notes)]
+    return [row(case, what, batch, window * batch, window * batch / rate, workers=spec["workers"], notes=notes)]
 
 
 def _curve(spec: dict, seed: int, precision: str, overrides: list[str]) -> dict:
@@ -389,13 +395,14 @@ def compare_curves(runs: dict[str, dict], window: int) -> dict:
 
 
 def case_resume(spec: dict) -> dict:
-    """Fast path: K steps, checkpoint, a new process state resumes for K more; against 2K steps uninterrupted."""
+    """Fast path with diagnostics: K steps, checkpoint, a new `train()` resumes for K more; against 2K uninterrupted."""
     from safetensors.torch import load_file
 
     from dcgan_dist.checkpoint import GENERATOR_EXPORT
 
     k, batch = spec["resume_steps"], spec["curve_batch"]
-    common = ["data.workers=1", f"log.every={k}", f"log.images_every={10 * k}", f"ckpt.every={k}"]
+    common = ["data.workers=1", f"log.every={k}", f"log.images_every={10 * k}", f"ckpt.every={k}",
+              f"diag.every={spec['diag_every']}"]  # diagnostics steps (eager) between the replays, on both sides
     whole, split = Path(spec["work"]) / "resume-whole", Path(spec["work"]) / "resume-split"
     last_whole, _ = _train_quietly(config(spec, batch, *common, f"run.dir={whole}", "run.fresh=true",
                                           f"train.max_steps={2 * k}"))
@@ -616,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
             loads = [r for r in report["rows"] if r["case"] == "loader" and r["batch"] == batch
                      and r["label"].startswith("shards")]
             workers = max(loads, key=lambda r: r["img_per_s"])["workers"] if loads else sizes.loader_workers[-1]
-            for kind in ("fast", "eager"):
+            for kind in TRAINER_KINDS:
                 report["rows"] += attempt("trainer", f"trainer {kind}, batch {batch}", batch=batch, kind=kind,
                                           workers=workers) or []
                 write_json(out, report)

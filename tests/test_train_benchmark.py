@@ -53,8 +53,8 @@ def test_small_run_measures_every_case_at_both_batch_sizes(small_run):
         for workers in sizes.loader_workers:
             assert any(c == "loader" and lab.startswith("shards") and b == batch and w == workers
                        for c, lab, b, w in got)
-        for case in ("(b) trainer eager", "(c) trainer fast path"):
-            assert any(c == case and b == batch for c, _, b, _ in got)
+        for case, what, _ in bench.TRAINER_KINDS.values():
+            assert any(c == case and lab == what and b == batch for c, lab, b, _ in got)
     for r in report["rows"]:
         assert r["img_per_s"] > 0 and r["ms_per_step"] == pytest.approx(1000 * r["batch"] / r["img_per_s"], rel=1e-3, abs=1e-3)
         assert r["label"][:58] in stdout  # the printed table holds every row
