@@ -618,6 +618,10 @@ def main(argv: list[str] | None = None) -> int:
             return result
 
         report["rows"] += attempt("step", "step alone") or []
+        # the correctness checks early: if the time budget runs out, figures are what is skipped
+        report["curves"] = attempt("curves", "curves: fast path against eager")
+        report["resume"] = attempt("resume", "resume with the fast path")
+        write_json(out, report)
         report["rows"] += attempt("loaders", "loaders alone") or []
         for batch in sizes.batches:  # the trainer reads with the worker count the loader did best with
             loads = [r for r in report["rows"] if r["case"] == "loader" and r["batch"] == batch
@@ -628,9 +632,6 @@ def main(argv: list[str] | None = None) -> int:
                                           workers=workers) or []
                 write_json(out, report)
         report["rows"] += attempt("reference", "reference end to end") or []
-        write_json(out, report)
-        report["curves"] = attempt("curves", "curves: fast path against eager")
-        report["resume"] = attempt("resume", "resume with the fast path")
 
     times = step_times_for_model(report["rows"]) if gpu else {}
     source = "this run's step-alone rows" if times else "the reference's H100 probe (H100-baselines.md)"
