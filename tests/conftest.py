@@ -1,11 +1,19 @@
 """Shared fixtures: small image folders and the location of ../shared."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import numpy as np
-import pytest
-from PIL import Image
+# One intra-op thread per process: the suite runs tiny models and spawns trainer processes on a
+# 2-core machine, where more threads only oversubscribe the cores (measured 10x+ slower steps).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
