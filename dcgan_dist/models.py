@@ -70,5 +70,20 @@ def dcgan_init(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+@torch.no_grad()
+def sample_with_batch_statistics(G: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """G(z) normalised with the batch's own statistics, as in training, leaving G's BatchNorm buffers as
+    they were. Early in training the running statistics lag far behind the weights, so eval-mode
+    samples all look alike even when training is healthy; this is what monitoring must look at."""
+    saved = [b.clone() for b in G.buffers()]
+    was_training = G.training
+    G.train()
+    images = G(z).float()
+    for buffer, value in zip(G.buffers(), saved):
+        buffer.copy_(value)
+    G.train(was_training)
+    return images
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

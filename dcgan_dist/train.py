@@ -24,7 +24,7 @@ from dcgan_dist.data import BatchSource, make_batch_source
 from dcgan_dist.diagnostics import Diagnostics
 from dcgan_dist.fastpath import StepRunner, prepare_models
 from dcgan_dist.metrics import TB_DIR, RunLogger, reduce_mean
-from dcgan_dist.models import Discriminator, Generator, count_parameters
+from dcgan_dist.models import Discriminator, Generator, count_parameters, sample_with_batch_statistics
 from dcgan_dist.parallel import build_accelerator, prepare_gan
 from dcgan_dist.preemption import StopRequest
 from dcgan_dist.step import HEALTH_TAGS, STAT_TAGS, GANStep
@@ -174,10 +174,8 @@ def run_training(cfg: Config, accelerator: Accelerator, stop: StopRequest) -> di
             "try lower optim.lr_g/lr_d or precision=bf16")
 
     def sample_grid() -> None:
-        G.eval()
-        with torch.no_grad():
-            log.grid("images/fake_fixed_noise", state.step, accelerator.unwrap_model(G)(state.fixed_noise))
-        G.train()
+        log.grid("images/fake_fixed_noise", state.step,
+                 sample_with_batch_statistics(accelerator.unwrap_model(G), state.fixed_noise))
 
     last: dict[str, float] = {}
     started = time.perf_counter()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dcgan_dist.models import Discriminator, Generator, count_parameters
+from dcgan_dist.models import Discriminator, Generator, count_parameters, sample_with_batch_statistics
 from dcgan_dist.step import discriminator_loss, generator_loss
 
 
@@ -73,3 +73,19 @@ def test_logits_losses_equal_sigmoid_then_bceloss():
     torch.testing.assert_close(generator_loss(fake_logits, "minimax"), torch.log1p(-sig(fake_logits)).mean())
     # bf16 logits: the loss is still computed in fp32
     assert discriminator_loss(real_logits.bfloat16(), fake_logits.bfloat16()).dtype == torch.float32
+
+
+def test_samples_use_batch_statistics_and_leave_buffers_alone():
+    torch.manual_seed(0)
+    G = Generator(nz=16, ngf=8)
+    G.main[1].running_mean.fill_(5.0)  # stale running statistics, as early in training
+    before = {k: v.clone() for k, v in G.state_dict().items()}
+    z = torch.randn(8, 16)
+    G.eval()
+    images = sample_with_batch_statistics(G, z)
+    expected = Generator(nz=16, ngf=8)
+    expected.load_state_dict(before)
+    torch.testing.assert_close(images, expected.train()(z))  # batch statistics, not the stale running ones
+    assert not G.training
+    for k, v in G.state_dict().items():
+        assert torch.equal(v, before[k]), k
