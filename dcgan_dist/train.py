@@ -19,7 +19,7 @@ from accelerate import Accelerator
 
 from dcgan_dist.checkpoint import (CHECKPOINT_DIR, TrainingState, latest_checkpoint, load_checkpoint,
                                    save_checkpoint)
-from dcgan_dist.config import Config, ConfigError, config_to_dict, config_to_yaml, load_config
+from dcgan_dist.config import Config, ConfigError, config_to_yaml, load_config
 from dcgan_dist.data import BatchSource, make_batch_source
 from dcgan_dist.diagnostics import Diagnostics
 from dcgan_dist.fastpath import StepRunner, prepare_models
@@ -215,13 +215,13 @@ def run_training(cfg: Config, accelerator: Accelerator, stop: StopRequest) -> di
     steps_done = state.step - start_step
     if accelerator.is_main_process:
         rate = steps_done * images_per_step / max(elapsed, 1e-9)
-        tail = ", ".join(f"{k} {last[k]:.3f}" for k in ("loss/D", "loss/G", "D(x)", "D(G(z))/after_D_step")
-                         if k in last)
+        tail = "".join(f"{k} {last[k]:.3f}; " for k in ("loss/D", "loss/G", "D(x)", "D(G(z))/after_D_step")
+                       if k in last)
         if stopping:
             print(f"[dcgan-train] stopped by {stop.reason()} at step {state.step}/{total}; start the same "
                   f"command again to resume from {latest_checkpoint(run_dir)}", flush=True)
         print(f"[dcgan-train] done: step {state.step}/{total}, {steps_done} steps in {elapsed:.1f}s "
-              f"({rate:,.0f} img/s); {tail}; run dir {run_dir}", flush=True)
+              f"({rate:,.0f} img/s); {tail}run dir {run_dir}", flush=True)
     accelerator.end_training()
     return last
 
