@@ -29,6 +29,7 @@ from dcgan_dist.diagnostics.alarms import (MODE_COLLAPSE, VANISHING_GRADIENTS, A
 from dcgan_dist.diagnostics.coverage import ModeClassifier, modes_present
 from dcgan_dist.diagnostics.similarity import RandomFeatures, feature_spread, mean_ms_ssim
 from dcgan_dist.metrics import RunLogger
+from dcgan_dist.models import sample_with_batch_statistics
 from dcgan_dist.step import StepOutput
 
 DIAGNOSTICS_JSON = "diagnostics.json"
@@ -142,22 +143,10 @@ class Diagnostics:
                      f"{ref['classifier_heldout_samples']} held-out real samples")
         return line
 
-    @torch.no_grad()
-    def generate(self, G: nn.Module) -> torch.Tensor:
-        """G(z) for the fixed diagnostic z, in train mode, leaving G's BatchNorm buffers as they were."""
-        saved = [b.clone() for b in G.buffers()]
-        was_training = G.training
-        G.train()
-        images = G(self.z).float()
-        for buffer, value in zip(G.buffers(), saved):
-            buffer.copy_(value)
-        G.train(was_training)
-        return images
-
     def __call__(self, step: int, out: StepOutput, G: nn.Module, log: RunLogger) -> dict[str, float]:
         """One check: measure, log, raise alarms. `G` is the unwrapped generator; returns the values logged."""
         started = time.perf_counter()
-        samples = self.generate(G)
+        samples = sample_with_batch_statistics(G, self.z)  # every rank: SyncBatchNorm needs them all
         if not self.measuring:
             return {}
         cfg = self.cfg
