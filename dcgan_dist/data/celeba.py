@@ -8,9 +8,11 @@ with line-numbered errors, so a damaged download is named instead of silently mi
 from __future__ import annotations
 
 import gc
+import itertools
 import multiprocessing
 import os
 import zipfile
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +92,24 @@ def process_pool(processes: int, initializer: Callable | None = None, initargs: 
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["dcgan_dist.data.shards", "dcgan_dist.data.synth"])
     return context.Pool(processes, initializer, initargs)
+
+
+def ordered_map(pool, fn: Callable, tasks: list, window: int) -> Iterator:
+    """`pool.imap(fn, tasks)` with at most `window` tasks in flight.
+
+    `imap` queues every task at once; when the consumer stops early (an error, Ctrl-C) the pool's
+    task thread can be left blocked on a full pipe and `Pool.terminate` then waits on it forever.
+    Feeding tasks as results come back keeps that pipe nearly empty, so stopping is prompt.
+    """
+    pending: deque = deque()
+    remaining = iter(tasks)
+    for task in itertools.islice(remaining, window):
+        pending.append(pool.apply_async(fn, (task,)))
+    while pending:
+        result = pending.popleft().get()
+        for task in itertools.islice(remaining, 1):
+            pending.append(pool.apply_async(fn, (task,)))
+        yield result
 
 
 @contextmanager

@@ -26,7 +26,8 @@ from PIL import Image, UnidentifiedImageError
 
 import dcgan_dist
 from dcgan_dist.data.celeba import (
-    SPLITS, CelebaLists, CelebaSource, ShardError, find_source, gc_paused, list_entries, open_reader, process_pool,
+    SPLITS, CelebaLists, CelebaSource, ShardError, find_source, gc_paused, list_entries, open_reader, ordered_map,
+    process_pool,
     read_lists,
 )
 from dcgan_dist.data.synth import SYNTH_JSON, write_synthetic_celeba
@@ -331,8 +332,9 @@ def _run_workers(tasks: list, writers: dict[str, _SplitWriter], *, workers: int,
                  log: Callable[[str], None]) -> None:
     """Encode the tasks in parallel and hand the results, in input order, to their split's writer."""
     todo, done, started = sum(len(t[2]) for t in tasks), 0, time.perf_counter()
-    with process_pool(min(workers, len(tasks)), _init_worker, initargs) as pool:
-        for split, position, results in pool.imap(_encode_chunk, tasks):
+    processes = min(workers, len(tasks))
+    with process_pool(processes, _init_worker, initargs) as pool:
+        for split, position, results in ordered_map(pool, _encode_chunk, tasks, 2 * processes):
             writer = writers[split]
             before = len(writer.finished)
             for offset, result in enumerate(results):
@@ -525,8 +527,9 @@ def verify_shards(out: Path, workers: int | None = None) -> list[str]:
         raise ShardError(f"{out / MANIFEST_NAME}: expected a shard manifest written by dcgan-shards build "
                          f"({type(e).__name__}: {e})") from None
     problems = []
-    with process_pool(max(1, min(workers or _default_workers(), len(tasks)))) as pool:
-        for found in pool.imap(_check_shard, tasks):
+    processes = max(1, min(workers or _default_workers(), len(tasks)))
+    with process_pool(processes) as pool:
+        for found in ordered_map(pool, _check_shard, tasks, 2 * processes):
             problems += found
     for split in SPLITS:
         listed = sum(e["samples"] for e in splits[split]["shards"])

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 
 import dcgan_dist
 from dcgan_dist.data.celeba import (ATTRIBUTES, BBOXES, IDENTITIES, IMAGES_NAME, LANDMARKS, PARTITION,
-                                    process_pool)
+                                    ordered_map, process_pool)
 
 WIDTH, HEIGHT = 178, 218  # CelebA's aligned-and-cropped images
 OFFICIAL_SPLIT_SIZES = (162_770, 19_867, 19_962)  # train, valid, test ids, in id order
@@ -236,8 +236,9 @@ def write_synthetic_celeba(out: Path, count: int, modes: int = 10, seed: int = 0
     rows = [(i + 1, {k: v[i] for k, v in params.items()}) for i in range(count)]
     chunk = 250
     tasks = [(images, looks, rows[i:i + chunk]) for i in range(0, count, chunk)]
-    with process_pool(min(os.cpu_count() or 1, len(tasks))) as pool:
-        for _ in pool.imap_unordered(_write_chunk, tasks):
+    processes = min(os.cpu_count() or 1, len(tasks))
+    with process_pool(processes) as pool:
+        for _ in ordered_map(pool, _write_chunk, tasks, 2 * processes):
             pass
 
     names = [f"{i:06d}.jpg" for i in range(1, count + 1)]
