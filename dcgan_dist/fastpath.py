@@ -108,7 +108,6 @@ class StepRunner:
             if not self._capture():
                 return self.step(self.static)
         self.graph.replay()
-        self.step.count += 1
         return self.out
 
     def _note(self, message: str) -> None:
@@ -167,7 +166,7 @@ class StepRunner:
                 group["capturable"] = True  # Adam's check that its step may be captured; fused math is unchanged
         graph = torch.cuda.CUDAGraph()
         graph.register_generator_state(step.noise)  # each replay advances z's generator like an eager step
-        noise_state, count = step.noise.get_state(), step.count
+        noise_state = step.noise.get_state()
         try:
             # thread_local: the DataLoader's pin-memory thread keeps allocating pinned memory meanwhile,
             # which global mode would count against the capture.
@@ -176,20 +175,18 @@ class StepRunner:
         except Exception as exc:  # noqa: BLE001 - any capture failure means eager steps, with the reason
             first = (str(exc).strip().splitlines() or [""])[0]
             self.graph_off = f"the capture failed ({type(exc).__name__}: {first})"
-            self._restore_after_failed_capture(noise_state, count)
+            self._restore_after_failed_capture(noise_state)
             self.log(f"[dcgan-train] fast path: eager steps from here on, {self.graph_off}")
             return False
-        step.count = count  # the capture recorded the step without running it; the replay runs it
         self.graph, self.out = graph, out
         return True
 
-    def _restore_after_failed_capture(self, noise_state: torch.Tensor, count: int) -> None:
+    def _restore_after_failed_capture(self, noise_state: torch.Tensor) -> None:
         """Undo the host-side effects of a half-recorded step (no kernel of it ran)."""
         step = self.step
         step.D_bare.requires_grad_(True)
         step.opt_g.zero_grad(set_to_none=True)
         step.opt_d.zero_grad(set_to_none=True)
-        step.count = count
         fresh = torch.Generator(device=self.device)  # the old one may still think it is being captured
         fresh.set_state(noise_state)
         step.noise = fresh

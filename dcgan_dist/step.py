@@ -106,7 +106,6 @@ class GANStep:
         device = accelerator.device
         self.sums = torch.zeros(len(STAT_TAGS), device=device)
         self.finite_steps = torch.zeros((), device=device)  # steps in `sums` (non-finite ones are left out)
-        self.count = 0
         self.health = torch.zeros(len(HEALTH_TAGS), device=device)
         self.streak = torch.zeros((), device=device)  # consecutive non-finite steps up to now
         self.worst_streak = torch.zeros((), device=device)
@@ -167,7 +166,6 @@ class GANStep:
                 (real_logits > 0).float().mean(),
                 (out.fake_logits > 0).float().mean(),
             ]), 0.0)
-        self.count += 1
         return out
 
     def _optimizer_step(self, opt: torch.optim.Optimizer) -> torch.Tensor:
@@ -195,7 +193,6 @@ class GANStep:
         means = self.sums / self.finite_steps
         self.sums.zero_()
         self.finite_steps.zero_()
-        self.count = 0
         return means
 
     def take_health(self) -> torch.Tensor:

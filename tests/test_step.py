@@ -98,6 +98,6 @@ def test_stats_are_means_over_steps_and_reset():
     assert means.shape == (len(STAT_TAGS),)
     assert not torch.allclose(first, second)
     torch.testing.assert_close(means, (first + second) / 2)
-    assert step.count == 0 and torch.count_nonzero(step.sums) == 0
+    assert step.finite_steps == 0 and torch.count_nonzero(step.sums) == 0
     probs = means[2:].tolist()
     assert all(0.0 <= p <= 1.0 for p in probs)

@@ -16,6 +16,9 @@ import torch
 from dcgan_dist.config import ConfigError, DataConfig
 
 
+MANIFEST_NAME = "manifest.json"  # what makes a folder a shard folder (written by dcgan-shards build)
+
+
 @dataclass
 class Batch:
     images: torch.Tensor  # uint8 (N, C, H, W), CPU, pinned when the source pins
@@ -50,7 +53,7 @@ class BatchSource(Protocol):
 def make_batch_source(cfg: DataConfig, *, batch_size: int, rank: int, world_size: int, seed: int) -> BatchSource:
     """Pick the source for `data.source`: a shard folder (has manifest.json) or a folder of images."""
     path = Path(cfg.source)
-    if (path / "manifest.json").is_file():
+    if (path / MANIFEST_NAME).is_file():
         from dcgan_dist.data.loader import ShardBatchSource
 
         return ShardBatchSource(path, cfg, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed)

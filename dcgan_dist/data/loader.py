@@ -55,10 +55,9 @@ from torchvision.io import ImageReadMode, decode_image
 from webdataset.tariterators import tar_file_iterator
 
 from dcgan_dist.config import ConfigError, DataConfig
-from dcgan_dist.data import Batch, worker_ignores_sigterm
+from dcgan_dist.data import MANIFEST_NAME, Batch, worker_ignores_sigterm
 from dcgan_dist.data.images import epoch_permutation
 
-MANIFEST = "manifest.json"
 IMAGE_FORMATS = ("png", "jpg", "npy")
 SIZE = 64
 PIXELS = SIZE * SIZE * 3
@@ -87,14 +86,14 @@ class ShardFile:
 
 
 def _bad_manifest(path: Path, what: str) -> ConfigError:
-    return ConfigError(f"shard folder {path}: {MANIFEST} {what}")
+    return ConfigError(f"shard folder {path}: {MANIFEST_NAME} {what}")
 
 
 def read_manifest(path: Path, split: str) -> tuple[str, list[ShardFile]]:
     """The image format and the shard files of `split`, each checked to exist with the listed size."""
     path = Path(path)
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
+        manifest = json.loads((path / MANIFEST_NAME).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _bad_manifest(path, f"is not readable JSON ({type(e).__name__}: {e})") from None
     if not isinstance(manifest, dict):
@@ -120,10 +119,10 @@ def read_manifest(path: Path, split: str) -> tuple[str, list[ShardFile]]:
             raise _bad_manifest(path, f"{where}: samples {samples!r}, expected an integer >= 0")
         file = path / name
         if not file.is_file():
-            raise ConfigError(f"shard {file}: missing (listed in {path / MANIFEST})")
+            raise ConfigError(f"shard {file}: missing (listed in {path / MANIFEST_NAME})")
         expected = entry.get("bytes")
         if isinstance(expected, int) and file.stat().st_size != expected:
-            raise ConfigError(f"shard {file}: {file.stat().st_size} bytes, {MANIFEST} says {expected} (damaged or replaced)")
+            raise ConfigError(f"shard {file}: {file.stat().st_size} bytes, {MANIFEST_NAME} says {expected} (damaged or replaced)")
         shards.append(ShardFile(file, samples))
     return fmt, shards
 
@@ -237,7 +236,7 @@ def index_shard(path: Path, fmt: str, expected: int | None = None) -> ShardSampl
         if name is not None:
             key, image, meta = sample, (i if ext == fmt else -1), (i if ext == "json" else -1)
     if expected is not None and len(out.keys) != expected:
-        raise ConfigError(f"shard {path}: {len(out.keys)} samples, {MANIFEST} says {expected}")
+        raise ConfigError(f"shard {path}: {len(out.keys)} samples, {MANIFEST_NAME} says {expected}")
     if fmt == "npy":
         _map_npy_rows(out)
     return out

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 import dcgan_dist
+from dcgan_dist.data import MANIFEST_NAME
 from dcgan_dist.data.celeba import (
     SPLITS, CelebaLists, CelebaSource, ShardError, find_source, gc_paused, list_entries, open_reader, ordered_map,
     process_pool,
@@ -34,7 +35,6 @@ from dcgan_dist.data.synth import SYNTH_JSON, write_synthetic_celeba
 
 __all__ = ["MANIFEST_NAME", "ShardError", "build_shards", "verify_shards", "main"]
 
-MANIFEST_NAME = "manifest.json"
 JOURNAL_NAME = ".dcgan-shards-journal.jsonl"  # finished shards of a build in progress
 SHARD_NAME = re.compile(r"celeba64-(train|valid|test)-\d{6}\.tar")
 TOOL = f"dcgan_dist {dcgan_dist.__version__}"
