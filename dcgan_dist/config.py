@@ -156,7 +156,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    precision: Literal["no", "bf16", "fp16"] = "no"
+    # auto: bf16 on a bf16-capable CUDA GPU, else no (dcgan_dist.parallel.resolve_precision)
+    precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     log: LogConfig = field(default_factory=LogConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
     ddp: DDPConfig = field(default_factory=DDPConfig)

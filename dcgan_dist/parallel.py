@@ -11,7 +11,7 @@ import warnings
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.utils import DistributedDataParallelKwargs, parse_flag_from_env
 from torch import nn
 
 from dcgan_dist.config import Config, ConfigError
@@ -22,12 +22,25 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def resolve_precision(precision: str) -> str:
+    """`auto`: bf16 where the run gets a CUDA GPU that computes in bf16 (Ampere and later), else `no`
+    (CPU autocast in bf16 is slower than fp32 on most CPUs). Any other value is returned as it is."""
+    if precision != "auto":
+        return precision
+    on_cuda = torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU")
+    return "bf16" if on_cuda and torch.cuda.is_bf16_supported(including_emulation=False) else "no"
+
+
 def build_accelerator(cfg: Config) -> Accelerator:
     """The run's Accelerator; the config's `precision` wins over the launcher's mixed_precision (with a note).
+
+    `precision: auto` is resolved here, and `cfg.precision` is set to what it resolved to, so the
+    run's log and saved config say what ran.
 
     DDP does not broadcast buffers: each rank's BatchNorm keeps its own running statistics, and D's
     two forwards (real, fake) before one backward never trip "modified by an inplace operation".
     """
+    cfg.precision = resolve_precision(cfg.precision)
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False, bucket_cap_mb=cfg.perf.ddp_bucket_cap_mb)
     accelerator = Accelerator(mixed_precision=cfg.precision, kwargs_handlers=[ddp])
     launched = launched_world_size()

@@ -127,3 +127,26 @@ def test_fp16_on_cpu_is_a_clear_error_and_bf16_runs_with_fp32_losses():
     assert torch.equal(out.real_logits, out.real_logits.bfloat16().float())
     assert step.loss_scale() is None and step.sums.dtype == torch.float32
     assert torch.isfinite(step.take_means()).all() and step.take_health().tolist() == [0.0, 0.0]
+
+
+def test_auto_precision_is_bf16_only_on_a_bf16_cuda_gpu(monkeypatch):
+    from dcgan_dist.parallel import resolve_precision
+
+    assert resolve_precision("fp16") == "fp16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_precision("auto") == "no"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: not including_emulation)
+    assert resolve_precision("auto") == "bf16"  # native bf16, not emulation, counts
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert resolve_precision("auto") == "no"  # a pre-Ampere GPU only emulates bf16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    assert resolve_precision("auto") == "no"
+
+
+def test_auto_precision_runs_in_fp32_on_cpu_and_the_log_says_so():
+    cfg = load_config(None, [])
+    assert cfg.precision == "auto"
+    acc = build_accelerator(cfg)
+    assert (cfg.precision, acc.mixed_precision) == ("no", "no")
