@@ -122,7 +122,7 @@ class DiagConfig:
     vanishing_floor: float = field(default=0.0, metadata=check(_non_negative))
     vanishing_d_fake: float = field(default=0.05, metadata=check(_unit_closed))  # "D wins": D(G(z)) below this
     vanishing_patience: int = field(default=3, metadata=check(_positive))
-    collapse_diversity_ratio: float = field(default=0.5, metadata=check(_unit_open))
+    collapse_diversity_ratio: float = field(default=0.25, metadata=check(_unit_open))
     collapse_coverage: float = field(default=0.5, metadata=check(_unit_closed))
     collapse_d_fake: float = field(default=0.05, metadata=check(_unit_closed))  # D still accepts: D(G(z)) at least this
     coverage_min_share: float = field(default=0.25, metadata=check(_unit_closed))  # of N/modes samples, to count
