@@ -331,13 +331,18 @@ def render_png(run: RunData, run_dir: Path, grids: int) -> Image.Image:
     return canvas
 
 
-def write_report(run_dir: Path, out: Path, grids: int = 6) -> Path:
-    """Render `run_dir`'s report to `out` (.html or .png), written to a temporary name and renamed."""
+def write_report(run_dir: Path, out: Path, grids: int = 6, real_samples: bool = True) -> Path:
+    """Render `run_dir`'s report to `out` (.html or .png), written to a temporary name and renamed.
+
+    `real_samples=False` leaves out the grid of training images: a report that goes where the data's
+    licence does not (CelebA into a repository's docs) shows only what G made."""
     out = Path(out)
     kind = out.suffix.lower()
     if kind not in (".html", ".png"):
         raise ReportError(f"--out {out}: expected a file name ending in .html or .png")
     run = load_run(Path(run_dir))
+    if not real_samples:
+        run.real_grid = None
     tmp = out.with_name(out.name + ".tmp")
     if kind == ".html":
         tmp.write_text(render_html(run, Path(run_dir), grids), encoding="utf-8")
@@ -355,11 +360,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run", type=Path, help="a run directory (run.dir of dcgan-train)")
     parser.add_argument("--out", type=Path, required=True, help="report file: .html or .png")
     parser.add_argument("--grids", type=int, default=6, help="sample grids shown over time (default %(default)s)")
+    parser.add_argument("--no-real-samples", action="store_true",
+                        help="leave out the grid of training images (e.g. CelebA in a figure you publish)")
     args = parser.parse_args(argv)
     if args.grids < 1:
         parser.error(f"--grids: got {args.grids}, expected at least 1")
     try:
-        path = write_report(args.run, args.out, args.grids)
+        path = write_report(args.run, args.out, args.grids, real_samples=not args.no_real_samples)
     except ReportError as exc:
         print(f"dcgan-report: error: {exc}", file=sys.stderr)
         return 2

@@ -65,6 +65,11 @@ def test_html_report_of_a_real_run(short_run, tmp_path):
         assert f"step {alarm['step']}: {alarm['alarm']}" in page
     # every alarm is a dashed vertical line on each chart whose steps it falls within
     assert page.count('stroke-dasharray="5,3"') >= len(alarms)
+    assert "real samples" in page
+    bare = tmp_path / "bare.html"
+    assert main([str(short_run), "--out", str(bare), "--grids", "3", "--no-real-samples"]) == 0
+    page = bare.read_text()
+    assert "real samples" not in page and len(re.findall(r"src='data:image/png;base64,", page)) == 3
 
 
 def test_png_report_and_errors(short_run, tmp_path, capsys):
