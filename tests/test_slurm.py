@@ -101,7 +101,10 @@ def test_shards_then_training_that_is_warned_checkpoints_requeues_and_resumes(sl
     # what `#SBATCH --signal=B:USR1@120` makes the scheduler do 120 s before the time limit
     subprocess.run(["scancel", "--batch", "--signal=USR1", train], env=slurm_env, check=True, timeout=30)
     wait_until("the job to requeue itself", lambda: job(slurm_env, train).get("Restarts") == "1", 120, log)
-    # slurmctld holds a requeued batch job for about two minutes; let it start now
+    # slurmctld holds a requeued batch job for about two minutes; let it start now, but not within the second
+    # its first run was killed in: slurmd refuses credentials issued in that second ("Job credential revoked",
+    # seen once when the update came 0.1 s after the requeue), and the job then fails instead of running
+    time.sleep(2.0)
     subprocess.run(["scontrol", "update", f"JobId={train}", "StartTime=now"], env=slurm_env, timeout=30)
     wait_until("the requeued job to complete", lambda: job(slurm_env, train)["JobState"] == "COMPLETED", 300, log)
 
