@@ -26,9 +26,9 @@ def shards(tmp_path_factory):
 class Running:
     """A trainer process whose output is collected by a thread, so the test can wait for a line."""
 
-    def __init__(self, cmd: list[str]):
+    def __init__(self, cmd: list[str], **popen):
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
+                                     stderr=subprocess.STDOUT, text=True, **popen)
         self.lines: list[str] = []
         self.started = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
