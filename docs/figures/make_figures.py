@@ -7,7 +7,8 @@ Run from the repository root with the project installed (`pip install -e .`):
     python docs/figures/make_figures.py checkerboard --figure docs/figures/checkerboard.png \
         --generator runs/celeba64/generator.safetensors --real /data/celeba-half-10k
     python docs/figures/make_figures.py curves runs/celeba64 --figure docs/figures/healthy_curves.png
-    python docs/figures/make_figures.py samples runs/celeba64/generator.safetensors --figure docs/figures/healthy_samples.png
+    python docs/figures/make_figures.py samples runs/celeba64/generator.safetensors \
+        --figure docs/figures/healthy_samples.png
 
 docs/transposed_convolution.md and docs/gan_training.md show what these print and draw;
 tests/test_transposed_conv_doc.py checks the docs' numbers against torch directly.
