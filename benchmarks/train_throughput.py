@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # runs from a plain checkout too (no `pip install -e .` on a lent GPU machine)
+sys.path.insert(0, str(REPO))  # runs from a plain checkout too (no `pip install -e .` needed)
 
 try:
     import webdataset  # noqa: F401  (the shard loader needs it)
@@ -423,7 +423,7 @@ CASES: dict[str, Callable[[dict], object]] = {"loaders": case_loaders, "step": c
 
 # ------------------------------------------------------------------------------------------ scaling model
 
-# H100 figures measured by the reference's speed-of-light probe (../shared/reference/H100-baselines.md), ms per
+# H100 figures measured by the reference's speed-of-light probe (quoted in docs/performance.md), ms per
 # step: bf16 + channels_last + fused Adam + G-only backward, eager, and the same in one CUDA graph.
 REFERENCE_H100_STEP_MS = {128: {"eager": 128 / 13_121 * 1e3, "graph": 128 / 44_845 * 1e3},
                           1024: {"eager": 1024 / 79_522 * 1e3, "graph": 1024 / 80_617 * 1e3}}

@@ -128,6 +128,12 @@ class DiagConfig:
     coverage_min_share: float = field(default=0.25, metadata=check(_unit_closed))  # of N/modes samples, to count
     collapse_patience: int = field(default=2, metadata=check(_positive))
 
+    def __post_init__(self) -> None:
+        """The one check across keys, made wherever a DiagConfig is built (load_config included)."""
+        if self.similarity_samples > self.samples:
+            raise ConfigError(f"config key 'diag.similarity_samples': got {self.similarity_samples}, expected at most "
+                              f"diag.samples ({self.samples}): the MS-SSIM pairs are taken from those samples")
+
 
 @dataclass
 class DDPConfig:

@@ -16,16 +16,15 @@ import html
 import io
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from dcgan_dist.diagnostics import DIAGNOSTICS_JSON
 from dcgan_dist.diagnostics.alarms import MODE_COLLAPSE, VANISHING_GRADIENTS
-from dcgan_dist.metrics import TB_DIR
+from dcgan_dist.fileio import atomic_path, atomic_write
 
 GRID_TAG = "images/fake_fixed_noise"
 REAL_GRID_TAG = "images/real"
@@ -83,6 +82,8 @@ class RunData:
 def load_run(run_dir: Path) -> RunData:
     """Every scalar series (the last value logged at each step) and image grid of the run, plus its diagnostics."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dcgan_dist.metrics import TB_DIR
 
     tb = Path(run_dir) / TB_DIR
     if not tb.is_dir() or not any(p.name.startswith("events.") for p in tb.iterdir()):
@@ -206,17 +207,12 @@ def chart_svg(chart: Chart) -> str:
     return "".join(parts)
 
 
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow without FreeType sizing
-        return ImageFont.load_default()
-
-
 def draw_chart(chart: Chart, canvas: Image.Image, origin: tuple[int, int]) -> None:
+    from dcgan_dist.imaging import font  # imaging loads torch: not at import time, so --help stays fast
+
     d = ImageDraw.Draw(canvas)
     ox, oy = origin
-    small, bold = _font(11), _font(13)
+    small, bold = font(11), font(13)
     d.text((ox + LEFT, oy + 6), chart.title, fill="black", font=bold)
     d.rectangle((ox + LEFT, oy + TOP, ox + CHART_W - RIGHT, oy + CHART_H - BOTTOM), outline="#999999")
     for y, text in chart.yticks:
@@ -301,6 +297,8 @@ def render_html(run: RunData, run_dir: Path, grids: int) -> str:
 
 
 def render_png(run: RunData, run_dir: Path, grids: int) -> Image.Image:
+    from dcgan_dist.imaging import font
+
     laid = charts(run)
     columns = 2
     pad = 12
@@ -316,9 +314,9 @@ def render_png(run: RunData, run_dir: Path, grids: int) -> Image.Image:
     height = header_h + rows * (CHART_H + pad) + grid_rows * (grid_h + pad) + pad
     canvas = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(canvas)
-    font = _font(13)
+    text_font = font(13)
     for i, line in enumerate(header):
-        d.text((pad, 10 + 18 * i), line, fill="black" if i == 0 or not run.alarms else "#b00000", font=font)
+        d.text((pad, 10 + 18 * i), line, fill="black" if i == 0 or not run.alarms else "#b00000", font=text_font)
     for i, chart in enumerate(laid):
         draw_chart(chart, canvas, (pad + (i % columns) * (CHART_W + pad), header_h + (i // columns) * (CHART_H + pad)))
     top = header_h + rows * (CHART_H + pad)
@@ -326,7 +324,7 @@ def render_png(run: RunData, run_dir: Path, grids: int) -> Image.Image:
         x = pad + (i % per_row) * (GRID_PX + pad)
         y = top + (i // per_row) * (grid_h + pad)
         d.text((x + GRID_PX // 2, y + 2), "real samples" if step == "real" else f"step {step}", fill="black",
-               font=font, anchor="mt")
+               font=text_font, anchor="mt")
         canvas.paste(thumb, (x, y + 20))
     return canvas
 
@@ -343,14 +341,13 @@ def write_report(run_dir: Path, out: Path, grids: int = 6, real_samples: bool = 
     run = load_run(Path(run_dir))
     if not real_samples:
         run.real_grid = None
-    tmp = out.with_name(out.name + ".tmp")
     if kind == ".html":
-        tmp.write_text(render_html(run, Path(run_dir), grids), encoding="utf-8")
+        atomic_write(out, render_html(run, Path(run_dir), grids))
     else:
         # 256 colours: charts and sample grids survive it, and the page shrinks about 3x
-        render_png(run, Path(run_dir), grids).quantize(256, method=Image.Quantize.MEDIANCUT).save(
-            tmp, format="PNG", optimize=True)
-    os.replace(tmp, out)
+        page = render_png(run, Path(run_dir), grids).quantize(256, method=Image.Quantize.MEDIANCUT)
+        with atomic_path(out) as tmp:
+            page.save(tmp, format="PNG", optimize=True)
     return out
 
 

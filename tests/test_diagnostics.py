@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dcgan_dist.config import ConfigError, DiagConfig
+from dcgan_dist.config import ConfigError, DiagConfig, load_config
 from dcgan_dist.data.synth import write_synthetic_celeba
 from dcgan_dist.diagnostics import DIAGNOSTICS_JSON, Diagnostics, RealReference
 from dcgan_dist.diagnostics.alarms import (MODE_COLLAPSE, VANISHING_GRADIENTS, Alarm, collapse_condition,
@@ -92,7 +92,7 @@ def test_mode_classifier_is_accurate_on_held_out_real_samples(synthetic):
 
 
 def test_alarm_fires_after_patience_and_rearms():
-    alarm = Alarm("x", patience=2)
+    alarm = Alarm(patience=2)
     assert [alarm.update(c) for c in (True, True, True, False, True, True)] == [False, True, False, False, False, True]
 
 
@@ -161,6 +161,18 @@ def test_check_leaves_G_unchanged_and_alarm_is_recorded(synthetic, tmp_path):
     assert [e["step"] for e in saved["alarms"] if e["alarm"] == MODE_COLLAPSE] == [2]
 
 
-def test_similarity_samples_may_not_exceed_samples(tmp_path):
-    with pytest.raises(ConfigError, match="diag.similarity_samples"):
-        Diagnostics(DiagConfig(samples=16, similarity_samples=32), None, tmp_path, nz=16, device=torch.device("cpu"))
+def test_similarity_samples_above_samples_stop_dcgan_train_before_any_work(tmp_path, monkeypatch, capsys):
+    from dcgan_dist.train import main
+
+    monkeypatch.chdir(tmp_path)  # synthetic data would be written under shards/ here
+    bad = ["diag.samples=16", "diag.similarity_samples=32", "data.synthetic_count=40", "run.dir=run"]
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, bad)
+    assert str(caught.value) == ("config key 'diag.similarity_samples': got 32, expected at most diag.samples (16): "
+                                 "the MS-SSIM pairs are taken from those samples")
+    assert main(bad) == 2
+    assert capsys.readouterr().err.strip() == f"dcgan-train: error: {caught.value}"
+    assert list(tmp_path.iterdir()) == []
+    assert load_config(None, ["diag.samples=16", "diag.similarity_samples=16"]).diag.similarity_samples == 16
+    with pytest.raises(ConfigError, match="diag.similarity_samples"):  # however the config is built
+        DiagConfig(samples=16, similarity_samples=32)

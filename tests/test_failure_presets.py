@@ -3,7 +3,9 @@ the lab's baseline raises neither. Each preset also raises its alarm on real fac
 Sizes and the measured alarm steps: docs/failure_modes.md."""
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +17,7 @@ from dcgan_dist.diagnostics.alarms import MODE_COLLAPSE, VANISHING_GRADIENTS
 from dcgan_dist.train import train
 from conftest import shared_path
 
+REPO = Path(__file__).resolve().parents[1]
 TEST_SIZE = ["model.ngf=16", "model.ndf=16", "train.max_steps=150", "train.epochs=20", "diag.every=25",
              "diag.warmup_steps=100", "data.workers=0", "log.images_every=1000", "ckpt.every=1000"]
 
@@ -41,6 +44,28 @@ def alarm_steps(preset: str, shards, tmp_path, seed: int, *extra: str) -> dict[s
     train(cfg)
     events = json.loads((run_dir / DIAGNOSTICS_JSON).read_text())["alarms"]
     return {name: [e["step"] for e in events if e["alarm"] == name] for name in (VANISHING_GRADIENTS, MODE_COLLAPSE)}
+
+
+def test_presets_parse_and_each_failure_preset_changes_what_causes_its_failure():
+    presets = {p.stem: load_config(p) for p in sorted(REPO.glob("configs/*.yaml"))}
+    assert set(presets) == {"celeba64", "smoke", "vanishing_gradients", "mode_collapse"}
+    lab, baseline = presets["celeba64"], presets["smoke"]
+    defaults = load_config(None)
+    # the lab's recipe: equal Adam rates, the non-saturating loss, the full widths
+    assert (lab.optim.lr_g, lab.optim.lr_d, lab.loss.generator) == (2e-4, 2e-4, "non_saturating")
+    assert (lab.model.ngf, lab.model.ndf, lab.train.batch_size) == (64, 64, 128)
+    assert (baseline.optim, baseline.loss) == (lab.optim, lab.loss)  # the demo only shrinks the run
+    vanishing, collapse = presets["vanishing_gradients"], presets["mode_collapse"]
+    # vanishing gradients: the saturating minimax loss, against a D faster than G
+    assert vanishing.loss.generator == "minimax" and vanishing.optim.lr_d > vanishing.optim.lr_g
+    # mode collapse: the non-saturating loss kept, D ten times slower than G
+    assert collapse.loss.generator == "non_saturating"
+    assert collapse.optim.lr_g == baseline.optim.lr_g and collapse.optim.lr_d * 10 == pytest.approx(collapse.optim.lr_g)
+    for failure in (vanishing, collapse):
+        # the same data and size as the baseline, and the default alarm thresholds: only the recipe differs
+        assert (failure.data, failure.model, failure.precision) == (baseline.data, baseline.model, baseline.precision)
+        assert failure.diag.every == 25 and dataclasses.replace(failure.diag, every=defaults.diag.every) == defaults.diag
+        assert failure.diag.enabled
 
 
 @pytest.mark.parametrize("seed", [0, 1])

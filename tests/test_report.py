@@ -14,6 +14,7 @@ from dcgan_dist.config import load_config
 from dcgan_dist.data.shards import build_shards
 from dcgan_dist.data.synth import write_synthetic_celeba
 from dcgan_dist.diagnostics import DIAGNOSTICS_JSON
+from dcgan_dist.diagnostics.alarms import MODE_COLLAPSE
 from dcgan_dist.report import main
 from dcgan_dist.train import train
 
@@ -61,6 +62,8 @@ def test_html_report_of_a_real_run(short_run, tmp_path):
     assert len(grids) == 3 + 1  # three fixed-noise grids (steps 10, 20, 30) and the real one
     assert all(Image.open(io.BytesIO(base64.b64decode(g))).size[0] == 264 for g in grids)
     alarms = json.loads((short_run / DIAGNOSTICS_JSON).read_text())["alarms"]
+    # no warm-up: the untrained G's alike samples raise mode_collapse, so the page has an alarm to show
+    assert MODE_COLLAPSE in {alarm["alarm"] for alarm in alarms}, alarms
     for alarm in alarms:
         assert f"step {alarm['step']}: {alarm['alarm']}" in page
     # every alarm is a dashed vertical line on each chart whose steps it falls within

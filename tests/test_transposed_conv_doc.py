@@ -2,7 +2,7 @@
 
 The doc's numbers are parsed from its fenced blocks (```text <id>) and its table, so editing a number there
 breaks a test. Expected values come from torch directly (and from running the project's Generator), never from
-dcgan_dist.explain, which printed them.
+docs/figures/make_figures.py, which printed them.
 """
 from __future__ import annotations
 

@@ -14,7 +14,6 @@ MODE_COLLAPSE = "mode_collapse"
 
 @dataclass
 class Alarm:
-    name: str
     patience: int
     streak: int = 0  # consecutive checks with the condition up to now
     active: bool = False  # fired, and the condition has not cleared since

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dcgan_dist.diagnostics.similarity import to_unit
+from dcgan_dist.imaging import to_unit
 
 POOLED = 8  # pixels per side the classifier sees
 

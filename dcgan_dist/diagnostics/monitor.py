@@ -13,7 +13,6 @@ changes neither the training trajectory nor what a checkpoint holds.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,17 +21,18 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from dcgan_dist.config import Config, ConfigError, DataConfig, DiagConfig
+from dcgan_dist.config import Config, DataConfig, DiagConfig
 from dcgan_dist.data import BatchSource
+from dcgan_dist.diagnostics import DIAGNOSTICS_JSON
 from dcgan_dist.diagnostics.alarms import (MODE_COLLAPSE, VANISHING_GRADIENTS, Alarm, collapse_condition,
                                            vanishing_condition)
 from dcgan_dist.diagnostics.coverage import ModeClassifier, modes_present
 from dcgan_dist.diagnostics.similarity import RandomFeatures, feature_spread, mean_ms_ssim
+from dcgan_dist.fileio import atomic_write
 from dcgan_dist.metrics import RunLogger
 from dcgan_dist.models import sample_with_batch_statistics
 from dcgan_dist.step import StepOutput
 
-DIAGNOSTICS_JSON = "diagnostics.json"
 HOLDOUT_FRACTION = 1 / 3  # of the real reference samples, kept from the coverage classifier to test it
 _Z_SEED = 0x5EED  # the diagnostics' z stream, apart from training's
 
@@ -69,12 +69,6 @@ def real_reference(data: DataConfig, source: BatchSource, count: int) -> RealRef
     return RealReference(torch.cat(chunks)[:count])
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
-
-
 class Diagnostics:
     """Construct once (real reference in hand); call on every rank at the steps `due` names.
 
@@ -84,15 +78,11 @@ class Diagnostics:
 
     def __init__(self, cfg: DiagConfig, reference: RealReference | None, run_dir: Path, nz: int,
                  device: torch.device, start_step: int = 0):
-        if cfg.similarity_samples > cfg.samples:
-            raise ConfigError(f"config key 'diag.similarity_samples': got {cfg.similarity_samples}, expected at "
-                              f"most diag.samples ({cfg.samples})")
         self.cfg = cfg
         self.z = torch.randn(cfg.samples, nz, 1, 1, generator=torch.Generator().manual_seed(_Z_SEED)).to(device)
         self.path = Path(run_dir) / DIAGNOSTICS_JSON
         self.measuring = reference is not None
-        self.alarms = {VANISHING_GRADIENTS: Alarm(VANISHING_GRADIENTS, cfg.vanishing_patience),
-                       MODE_COLLAPSE: Alarm(MODE_COLLAPSE, cfg.collapse_patience)}
+        self.alarms = {VANISHING_GRADIENTS: Alarm(cfg.vanishing_patience), MODE_COLLAPSE: Alarm(cfg.collapse_patience)}
         self.events: list[dict] = []
         self.early_g_norms: list[float] = []
         if not self.measuring:
@@ -219,5 +209,6 @@ class Diagnostics:
         return values
 
     def _save(self) -> None:
-        _write_json(self.path, {"config": asdict(self.cfg), "reference": self.reference,
-                                "early_g_norms": self.early_g_norms, "alarms": self.events})
+        record = {"config": asdict(self.cfg), "reference": self.reference, "early_g_norms": self.early_g_norms,
+                  "alarms": self.events}
+        atomic_write(self.path, json.dumps(record, indent=1))

@@ -12,16 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dcgan_dist.imaging import to_unit
+
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001)  # Wang, Simoncelli & Bovik 2003, scales 1-3
 WINDOW, SIGMA = 7, 1.5
 C1, C2 = 0.01 ** 2, 0.03 ** 2  # for a dynamic range of 1
-
-
-def to_unit(images: torch.Tensor) -> torch.Tensor:
-    """uint8 in [0, 255] or float in [-1, 1] -> float32 in [0, 1]."""
-    if images.dtype == torch.uint8:
-        return images.float() / 255.0
-    return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
 def _band(size: int, device: torch.device) -> torch.Tensor:

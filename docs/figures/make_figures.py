@@ -1,11 +1,14 @@
 """Figures and tables for the docs, computed by the project's own code (no plotting library needed).
 
-    python -m dcgan_dist.explain example --figure docs/figures/transposed_conv_example.png
-    python -m dcgan_dist.explain shapes --ngf 64
-    python -m dcgan_dist.explain checkerboard --figure docs/figures/checkerboard.png \
-        --generator runs/celeba64/generator.safetensors --real ../shared/celeba-half-10k
-    python -m dcgan_dist.explain curves runs/celeba64 --figure docs/figures/healthy_curves.png
-    python -m dcgan_dist.explain samples runs/celeba64/generator.safetensors --figure docs/figures/healthy_samples.png
+Run from the repository root with the project installed (`pip install -e .`):
+
+    python docs/figures/make_figures.py example --figure docs/figures/transposed_conv_example.png
+    python docs/figures/make_figures.py shapes --ngf 64
+    python docs/figures/make_figures.py checkerboard --figure docs/figures/checkerboard.png \
+        --generator runs/celeba64/generator.safetensors --real /data/celeba-half-10k
+    python docs/figures/make_figures.py curves runs/celeba64 --figure docs/figures/healthy_curves.png
+    python docs/figures/make_figures.py samples runs/celeba64/generator.safetensors \
+        --figure docs/figures/healthy_samples.png
 
 docs/transposed_convolution.md and docs/gan_training.md show what these print and draw;
 tests/test_transposed_conv_doc.py checks the docs' numbers against torch directly.
@@ -18,9 +21,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 from torch import nn
 
+from dcgan_dist.fileio import atomic_path
+from dcgan_dist.imaging import font
 from dcgan_dist.models import Generator
 
 # The worked example of docs/transposed_convolution.md: a 2x2 input, a 3x3 kernel, stride 2.
@@ -35,10 +40,6 @@ CHECKER_TAPS = {"balanced": [1.0, 3.0, 3.0, 1.0], "unbalanced": [1.0, 2.0, 3.0, 
 
 STAMP_COLOURS = [(230, 97, 1), (94, 60, 153), (27, 158, 119), (31, 120, 180)]
 WHITE, BLACK, GREY = (255, 255, 255), (0, 0, 0), (150, 150, 150)
-
-
-def font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    return ImageFont.load_default(size=size)
 
 
 def stamps(x: torch.Tensor, kernel: torch.Tensor, stride: int) -> list[torch.Tensor]:
@@ -147,11 +148,10 @@ def draw_example(path: Path) -> None:
 
 
 def save_png(img: Image.Image, path: Path) -> None:
-    """Write atomically (temp name, then rename)."""
+    """Write the figure whole or not at all: a failed run leaves the previous figure in place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    img.save(tmp, format="PNG", optimize=True)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG", optimize=True)
     print(f"wrote {path} ({path.stat().st_size // 1024} KiB)")
 
 
@@ -241,7 +241,7 @@ def image_sets(generator: Path | None, real: Path | None, samples: int = 64,
         transform = lab_transform(64)
         files = list_images(real)[:samples]
         if not files:
-            raise SystemExit(f"explain: {real}: no images found, expected a folder of images")
+            raise SystemExit(f"make_figures: {real}: no images found, expected a folder of images")
         images = []
         for f in files:
             with Image.open(f) as im:
@@ -300,11 +300,11 @@ def draw_curves(run_dir: Path, path: Path) -> None:
     try:
         run = load_run(run_dir)
     except ReportError as exc:
-        raise SystemExit(f"explain: {exc}") from None
+        raise SystemExit(f"make_figures: {exc}") from None
     wanted = [p for p in PANELS if {"loss/D", "D(x)"} & set(p.tags)]
     laid = [c for c in (layout(p, run) for p in wanted) if c is not None]
     if not laid:
-        raise SystemExit(f"explain: {run_dir}: no loss/D or D(x) scalars in its TensorBoard events")
+        raise SystemExit(f"make_figures: {run_dir}: no loss/D or D(x) scalars in its TensorBoard events")
     pad = 12
     img = Image.new("RGB", (len(laid) * (CHART_W + pad) + pad, CHART_H + 2 * pad), WHITE)
     for i, chart in enumerate(laid):
@@ -323,7 +323,7 @@ def draw_samples(generator: Path, path: Path, count: int = 16, seed: int = 0) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dcgan_dist.explain", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python docs/figures/make_figures.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("example", help="print the transposed-convolution worked example; draw it with --figure")
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{generator}: not found, expected a generator export such as runs/NAME/generator.safetensors")
     real = getattr(args, "real", None)
     if real is not None and not real.is_dir():
-        parser.error(f"{real}: not a folder, expected a folder of images such as ../shared/celeba-half-10k")
+        parser.error(f"{real}: not a folder, expected a folder of images such as /data/celeba/img_align_celeba")
     if args.command == "example":
         print(example_markdown())
         if args.figure:
