@@ -78,6 +78,22 @@ def test_fid_matches_the_eigenvalues_of_the_covariance_product(samples1, samples
     assert distances.fid_from_stats(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-7)
 
 
+def fid_of_few_samples(x: np.ndarray, y: np.ndarray) -> float:
+    """FID when n < d, another way: with S1 = A'A and S2 = B'B (A, B the centred features / sqrt(n - 1)),
+    the non-zero eigenvalues of S1 S2 are the squared singular values of A B', so Tr sqrt(S1 S2) is
+    the nuclear norm of the small matrix A B'."""
+    a = (x - x.mean(0)) / np.sqrt(len(x) - 1)
+    b = (y - y.mean(0)) / np.sqrt(len(y) - 1)
+    nuclear = np.linalg.svd(a @ b.T, compute_uv=False).sum()
+    return float(np.sum((x.mean(0) - y.mean(0)) ** 2) + np.sum(a * a) + np.sum(b * b) - 2 * nuclear)
+
+
+def test_fid_of_few_samples_equals_the_low_rank_form():
+    rng = np.random.default_rng(8)
+    x, y = rng.normal(size=(10, 64)), rng.normal(0.3, 2.0, size=(14, 64))
+    assert distances.fid(x, y) == pytest.approx(fid_of_few_samples(x, y), rel=1e-6)
+
+
 def test_feature_stats_are_numpy_mean_and_unbiased_covariance():
     x = np.random.default_rng(3).normal(size=(30, 5))
     mu, sigma = distances.feature_stats(x)
@@ -321,6 +337,15 @@ def test_features_match_fid_helper_pytorchs_own_extraction(evaluated, faces, mon
     assert np.abs(shifted - theirs).max() > 100 * np.abs(ours - theirs).max()
 
 
+def test_progress_lines_say_how_far_and_how_fast(monkeypatch):
+    lines = []
+    monkeypatch.setattr(inception, "LOG_EVERY_S", -1.0)
+    progress = inception.Progress(lines.append, "features of real test images", 19962)
+    progress.update(50)
+    assert len(lines) == 1 and lines[0].startswith("features of real test images: 50/19,962 (")
+    inception.Progress(None, "quiet", 10).update(5)  # no log: nothing to call
+
+
 def test_resize_like_tf_samples_at_i_times_in_over_out():
     x = torch.arange(4.0).view(1, 1, 1, 4).expand(1, 1, 4, 4).contiguous()
     y = inception.resize_like_tf(x, size=8)[0, 0, 0]
@@ -329,10 +354,11 @@ def test_resize_like_tf_samples_at_i_times_in_over_out():
 
 
 def test_untrained_generator_is_far_from_real_faces(evaluated):
-    """At 24 images FID is strongly biased upward, so only a comparison at equal counts means anything;
-    KID is unbiased, and real-vs-real sits near 0 where the untrained G is far away."""
+    """At 24 images FID is strongly biased upward (two halves of real faces: about 128), so only a
+    comparison at equal counts means anything; KID is unbiased, and real-vs-real sits near 0 where the
+    untrained G is far away. (The real-vs-real FID uses the low-rank form: 24 samples, no 2048^2 eigh.)"""
     train, valid, result = evaluated["train"], evaluated["valid"], evaluated["json"]
-    real_fid = distances.fid_from_stats(train.mu, train.sigma, valid.mu, valid.sigma)
+    real_fid = fid_of_few_samples(train.features.astype(np.float64), valid.features.astype(np.float64))
     real_kid, _ = distances.kid(train.features, valid.features)
     assert result["fid"] > 2.5 * real_fid
     assert result["kid"]["mean"] > 0.3 and result["kid"]["mean"] > 10 * abs(real_kid)

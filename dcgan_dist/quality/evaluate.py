@@ -105,7 +105,7 @@ def evaluate(args: argparse.Namespace, log) -> dict:
     import numpy as np
 
     from dcgan_dist.quality import distances, generator
-    from dcgan_dist.quality.inception import FeatureExtractor
+    from dcgan_dist.quality.inception import FeatureExtractor, Progress
     from dcgan_dist.quality.reference import reference_stats
 
     file = generator.weights_file(args.weights_path, args.weights)
@@ -116,12 +116,11 @@ def evaluate(args: argparse.Namespace, log) -> dict:
     log(f"generating {args.samples:,} images with {file} (BatchNorm {args.bn} statistics)")
     z = generator.latents(args.samples, G.nz, args.seed)
     G.to(device)
-    chunks = []
+    chunks, progress = [], Progress(log, "features of generated images", args.samples)
     for start in range(0, args.samples, args.batch_size):
         images = generator.generate(G, z[start:start + args.batch_size], args.bn, batch_size=args.batch_size)
         chunks.append(extractor.features(images))
-        if start // args.batch_size % 20 == 19:
-            log(f"generated and extracted {start + len(images):,}/{args.samples:,}")
+        progress.update(start + len(images))
     fake = np.concatenate(chunks)
     mu, sigma = distances.feature_stats(fake)
     kid_mean, kid_std = distances.kid(real.features, fake, subsets=args.kid_subsets, subset_size=args.kid_subset_size,

@@ -139,11 +139,23 @@ class FeatureExtractor:
         """Features of any number of uint8 images, in batches of `batch_size`; progress to `log` now and then."""
         if images.shape[0] == 0:
             raise ValueError(f"{what}: no images to extract features from")
-        chunks, started, last = [], time.perf_counter(), time.perf_counter()
+        progress = Progress(log, f"features of {what}", images.shape[0])
+        chunks = []
         for start in range(0, images.shape[0], self.batch_size):
             chunks.append(self(images[start:start + self.batch_size]))
-            done = start + len(chunks[-1])
-            if log is not None and time.perf_counter() - last > LOG_EVERY_S:
-                last = time.perf_counter()
-                log(f"features of {what}: {done:,}/{images.shape[0]:,} ({done / (last - started):.1f} images/s)")
+            progress.update(start + len(chunks[-1]))
         return np.concatenate(chunks)
+
+
+class Progress:
+    """A log line every LOG_EVERY_S seconds: extraction runs for hours on a CPU."""
+
+    def __init__(self, log: Callable[[str], None] | None, what: str, total: int):
+        self.log, self.what, self.total = log, what, total
+        self.started = self.last = time.perf_counter()
+
+    def update(self, done: int) -> None:
+        now = time.perf_counter()
+        if self.log is not None and now - self.last > LOG_EVERY_S:
+            self.last = now
+            self.log(f"{self.what}: {done:,}/{self.total:,} ({done / (now - self.started):.1f} images/s)")

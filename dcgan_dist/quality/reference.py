@@ -117,7 +117,7 @@ def reference_stats(shards: Path | str, split: str, count: int | None, extractor
             log(f"ignoring {folder / name}: {found}")
 
     images, _ = read_samples(shards, split, n)
-    features = extractor.features(images, log, what=f"{n:,} real {split} images")
+    features = extractor.features(images, log, what=f"real {split} images")
     mu, sigma = feature_stats(features)
     stats = ReferenceStats(mu, sigma, features.astype(np.float32), path=None, cached=False, **expected)
     try:
