@@ -13,12 +13,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from dcgan_dist.checkpoint import GENERATOR_EXPORT, checkpoint_dirs, latest_checkpoint, load_generator
 from dcgan_dist.config import load_config
+from dcgan_dist.stats import RunningStats
 from dcgan_dist.train import main, train
 
 TINY = ["model.ngf=8", "model.ndf=8", "model.nz=16", "train.batch_size=8", "data.workers=1", "log.every=5",
         "log.images_every=10", "ckpt.every=10", "ckpt.keep=2"]
 SCALAR_TAGS = {"loss/D", "loss/G", "D(x)", "D(G(z))/before_D_step", "D(G(z))/after_D_step", "lr/G", "lr/D",
-               "perf/img_per_s", "D/positive_logits_real", "D/positive_logits_fake"}
+               "perf/img_per_s", "D/positive_logits_real", "D/positive_logits_fake", "train/nonfinite_steps"}
 
 
 def run(tmp: Path, folder: Path, *extra: str) -> dict:
@@ -37,6 +38,7 @@ def test_short_run_writes_every_documented_tag_and_a_checkpoint(tmp_path, image_
     ev = events(tmp_path)
     tags = ev.Tags()
     assert SCALAR_TAGS <= set(tags["scalars"])
+    assert not {"amp/skipped_steps", "amp/scale"} & set(tags["scalars"])  # fp16 only
     assert {"images/real", "images/fake_fixed_noise"} <= set(tags["images"])
     assert "config/text_summary" in tags["tensors"]
     assert [e.step for e in ev.Scalars("loss/D")] == [5, 10, 12]
@@ -55,6 +57,22 @@ def test_short_run_writes_every_documented_tag_and_a_checkpoint(tmp_path, image_
     ckpt_g = load_file(str(latest_checkpoint(tmp_path) / "G.safetensors"))
     for k, v in G.state_dict().items():
         assert torch.equal(v, ckpt_g[k])
+
+
+def test_a_statistic_reported_by_name_reaches_tensorboard_by_that_name(tmp_path, image_folder, monkeypatch):
+    end_step = RunningStats.end_step
+
+    def with_two_more(stats, counted):  # what adding a statistic to GANStep.__call__ amounts to
+        stats.report("test/quarter", torch.tensor(0.25))
+        stats.count("test/steps", torch.tensor(1.0))
+        end_step(stats, counted)
+
+    monkeypatch.setattr(RunningStats, "end_step", with_two_more)
+    run(tmp_path, image_folder, "train.max_steps=7")
+    ev = events(tmp_path)
+    assert [(e.step, e.value) for e in ev.Scalars("test/quarter")] == [(5, 0.25), (7, 0.25)]
+    assert [(e.step, e.value) for e in ev.Scalars("test/steps")] == [(5, 5.0), (7, 2.0)]  # a count per interval
+    assert SCALAR_TAGS <= set(ev.Tags()["scalars"])
 
 
 def test_resumed_run_ends_with_exactly_the_weights_of_an_uninterrupted_run(tmp_path, image_folder):
