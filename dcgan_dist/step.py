@@ -207,7 +207,7 @@ class GANStep:
         return skipped
 
     def nonfinite_flags(self, limit: int) -> dict[str, torch.Tensor]:
-        """Device flags: whether some streak of non-finite steps reached `limit`, whether the last step was non-finite."""
+        """Device flags: some streak of non-finite steps reached `limit`; the last step was non-finite."""
         return {NONFINITE_LIMIT_REACHED: (self.worst_streak >= limit).float(),
                 LAST_STEP_NONFINITE: (self.streak > 0).float()}
 
@@ -237,7 +237,8 @@ class GANStep:
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor a step changes, by name, the live tensors themselves: weights and buffers, Adam's
-        state, the statistic sums and the non-finite streak. (The noise generator's state is not a tensor.)"""
+        state, the statistic sums and the non-finite streak (not an fp16 scaler's, which a graph never runs
+        with; the noise generator's state is no tensor: `snapshot` adds it)."""
         tensors: dict[str, torch.Tensor] = {}
         for prefix, model, opt in (("G", self.G, self.opt_g), ("D", self.D, self.opt_d)):
             bare = self.accelerator.unwrap_model(model)
