@@ -164,3 +164,13 @@ def test_console_script_and_module_are_the_same_program(tmp_path):
         proc = subprocess.run([*argv, "train.epochs=0"], capture_output=True, text=True)
         assert proc.returncode == 2
         assert proc.stderr.strip() == "dcgan-train: error: config key 'train.epochs': got 0, expected a value > 0"
+
+
+def test_help_answers_without_loading_torch():
+    """`dcgan-train --help` must be instant: parsing the command line loads neither torch nor accelerate."""
+    probe = ("import sys; from dcgan_dist.train import main\n"
+             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('torch', 'accelerate') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: dcgan-train" in proc.stdout and proc.stdout.strip().endswith("[]")
