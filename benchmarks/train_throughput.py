@@ -61,7 +61,6 @@ from dcgan_dist.data.synth import write_synthetic_celeba
 from dcgan_dist.fastpath import StepRunner
 from dcgan_dist.models import Discriminator, Generator
 from dcgan_dist.parallel import build_accelerator
-from dcgan_dist.step import STAT_TAGS
 from dcgan_dist.train import build_gan, train
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -267,12 +266,12 @@ def case_step(spec: dict) -> list[dict]:
             fresh_accelerate()
             cfg = config(spec, batch, f"precision={precision}", *overrides)
             accelerator = build_accelerator(cfg)
-            *_, step_fn = build_gan(cfg, accelerator)
+            gan_step = build_gan(cfg, accelerator)
             notes: list[str] = []
-            runner = StepRunner(step_fn, cfg.perf, notes.append)
+            runner = StepRunner(gan_step, cfg.perf, notes.append)
             seconds = _time_steps(lambda: runner(images), iters, spec["step_warmup"])
             rows.append(row("step", label, batch, iters * batch, seconds, notes=notes))
-            del runner, step_fn, accelerator
+            del runner, gan_step, accelerator
     return rows
 
 
@@ -327,15 +326,18 @@ def case_trainer(spec: dict) -> list[dict]:
     return [row(case, what, batch, window * batch, window * batch / rate, workers=spec["workers"], notes=notes)]
 
 
+CURVE_TAGS = ("loss/D", "loss/G", "D(x)")  # the step statistics each curve keeps, per step
+
+
 def _curve(spec: dict, seed: int, precision: str, overrides: list[str]) -> dict:
     """Per-step statistics of `curve_steps` steps on the shards, with a diagnostics step (grad norms) now and then."""
     fresh_accelerate()
     batch = spec["curve_batch"]
     cfg = config(spec, batch, f"precision={precision}", f"run.seed={seed}", "data.workers=1", *overrides)
     accelerator = build_accelerator(cfg)
-    G, D, _, _, step_fn = build_gan(cfg, accelerator)
+    gan_step = build_gan(cfg, accelerator)
     notes: list[str] = []
-    runner = StepRunner(step_fn, cfg.perf, notes.append)
+    runner = StepRunner(gan_step, cfg.perf, notes.append)
     source = ShardBatchSource(Path(spec["shards"]), cfg.data, batch_size=batch, rank=0, world_size=1, seed=0)
     stats, norms, epoch, every = [], [], 0, max(2, spec["curve_steps"] // 4)
     while len(stats) < spec["curve_steps"]:
@@ -344,11 +346,12 @@ def _curve(spec: dict, seed: int, precision: str, overrides: list[str]) -> dict:
             out = runner(b.images, collect_grad_norms=diagnose)
             if diagnose:
                 norms.append(out.grad_norms_g["total"].item())
-            stats.append(step_fn.take_means().tolist())
+            means = gan_step.stats.take()
+            stats.append([float(means[t]) for t in CURVE_TAGS])
             if len(stats) == spec["curve_steps"]:
                 break
         epoch += 1
-    running = [m for net in (G, D) for name, m in net.named_buffers() if "running" in name]
+    running = [m for net in (gan_step.G, gan_step.D) for name, m in net.named_buffers() if "running" in name]
     return {"stats": stats, "grad_norm_g": norms, "notes": notes,
             "running_stats": torch.cat([t.flatten().float() for t in running]).cpu()}
 
@@ -366,18 +369,17 @@ def case_curves(spec: dict) -> dict:
 def compare_curves(runs: dict[str, dict], window: int) -> dict:
     """Windowed means per tag, and each run's largest windowed difference from the first run."""
     names = list(runs)
-    tags = ("loss/D", "loss/G", "D(x)")
-    columns = [STAT_TAGS.index(t) for t in tags]
+    tags = CURVE_TAGS
     means = {}
     for name, run in runs.items():
-        values = np.asarray(run["stats"], dtype=np.float64)[:, columns]
+        values = np.asarray(run["stats"], dtype=np.float64)
         usable = values.shape[0] // window * window
         means[name] = values[:usable].reshape(-1, window, len(tags)).mean(axis=1)
     base = names[0]
-    first = np.asarray(runs[base]["stats"], dtype=np.float64)[:, columns]
+    first = np.asarray(runs[base]["stats"], dtype=np.float64)
     summary = {}
     for name in names[1:]:
-        steps = np.asarray(runs[name]["stats"], dtype=np.float64)[:, columns]
+        steps = np.asarray(runs[name]["stats"], dtype=np.float64)
         early = min(10, len(steps))
         bn = runs[name]["running_stats"]
         summary[name] = {

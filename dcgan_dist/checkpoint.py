@@ -5,7 +5,8 @@ A checkpoint is a folder `step-NNNNNNNN/` holding `G.safetensors`, `D.safetensor
 noise, the config), loaded with `torch.load(weights_only=True)`. It is written as
 `.tmp-step-NNNNNNNN/` and renamed when complete, so a crash mid-write never leaves a folder
 that looks like a checkpoint. Every rank calls `save_checkpoint` (RNG states are gathered);
-only the main process writes.
+only the main process writes. `resume_or_start` is how a run begins: from the latest checkpoint
+if there is one, with the rules that let it continue on another number of processes.
 """
 from __future__ import annotations
 
@@ -20,6 +21,11 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from dcgan_dist.errors import first_line, summary
+from dcgan_dist.fileio import atomic_path, fsync_dir
+from dcgan_dist.seeds import reseeded_noise_seed
+from dcgan_dist.step import GANStep
 
 CHECKPOINT_DIR = "checkpoints"
 GENERATOR_EXPORT = "generator.safetensors"
@@ -38,13 +44,12 @@ class TrainingState:
     world_size: int
     batch_size: int
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    def count_step(self, batches_per_epoch: int) -> None:
+        """One more step done: the next batch, and the next epoch after its last batch."""
+        self.step += 1
+        self.batch_in_epoch += 1
+        if self.batch_in_epoch == batches_per_epoch:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -67,10 +72,9 @@ def _state_dict_for_safetensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def export_generator(G: nn.Module, path: Path, model_config: dict) -> None:
     """G's weights with its constructor arguments in the metadata, for `Generator(**config)`."""
-    tmp = path.with_name(path.name + ".tmp")
     meta = {"model_config": json.dumps(model_config), "format": "dcgan_dist.Generator"}
-    save_file(_state_dict_for_safetensors(G), str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(_state_dict_for_safetensors(G), str(tmp), metadata=meta)
 
 
 def load_generator(path: Path) -> nn.Module:
@@ -88,28 +92,28 @@ def load_generator(path: Path) -> nn.Module:
     return G.eval()
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainingState, G: nn.Module, D: nn.Module,
-                    opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, noise: torch.Generator,
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainingState, gan_step: GANStep,
                     config_yaml: str, keep: int, model_config: dict) -> Path:
     """Write checkpoint `step-<state.step>` atomically; prune to the newest `keep`. Call on every rank.
 
-    `noise` is the generator that draws z on this rank; every rank's state is gathered and saved.
+    Every rank's state of the generator that draws z (`gan_step.noise`) is gathered and saved.
     """
-    rng = accelerator.gather(noise.get_state().to(accelerator.device).unsqueeze(0)).cpu()
+    rng = accelerator.gather(gan_step.noise.get_state().to(accelerator.device).unsqueeze(0)).cpu()
     root = Path(run_dir) / CHECKPOINT_DIR
     final = root / f"step-{state.step:08d}"
     if accelerator.is_main_process:
         tmp = root / f".tmp-{final.name}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file(_state_dict_for_safetensors(accelerator.unwrap_model(G)), str(tmp / "G.safetensors"))
-        save_file(_state_dict_for_safetensors(accelerator.unwrap_model(D)), str(tmp / "D.safetensors"))
+        G, D = accelerator.unwrap_model(gan_step.G), accelerator.unwrap_model(gan_step.D)
+        save_file(_state_dict_for_safetensors(G), str(tmp / "G.safetensors"))
+        save_file(_state_dict_for_safetensors(D), str(tmp / "D.safetensors"))
         scaler = accelerator.scaler
         torch.save({
             "step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
             "world_size": state.world_size, "batch_size": state.batch_size,
             "fixed_noise": state.fixed_noise.cpu(), "rng": rng,
-            "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+            "opt_g": gan_step.opt_g.state_dict(), "opt_d": gan_step.opt_d.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "config": config_yaml,
         }, tmp / "state.pt")
@@ -119,40 +123,65 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainingStat
         if final.exists():  # re-saving the same step (e.g. end of run right after a periodic save)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         for old in checkpoint_dirs(run_dir)[:-keep]:
             shutil.rmtree(old)
-        export_generator(accelerator.unwrap_model(G), Path(run_dir) / GENERATOR_EXPORT, model_config)
+        export_generator(G, Path(run_dir) / GENERATOR_EXPORT, model_config)
     accelerator.wait_for_everyone()
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path, G: nn.Module, D: nn.Module,
-                    opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
-                    noise: torch.Generator) -> TrainingState:
-    """Restore weights, optimizers, scaler and this rank's noise RNG from `path`; return the training state."""
-    device = accelerator.device
+def load_checkpoint(accelerator: Accelerator, path: Path, gan_step: GANStep) -> TrainingState:
+    """Restore weights, optimizers, scaler and this rank's noise RNG from `path` into the step; return the
+    training state as saved."""
     try:
         blob = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
         g_sd, d_sd = load_file(str(path / "G.safetensors")), load_file(str(path / "D.safetensors"))
     except Exception as exc:  # a damaged file must name itself, not raise from deep inside torch
-        raise RuntimeError(f"checkpoint {path}: cannot be read ({type(exc).__name__}: {exc})") from None
+        raise RuntimeError(f"checkpoint {path}: cannot be read ({summary(exc)})") from None
     try:
-        accelerator.unwrap_model(G).load_state_dict(g_sd)
-        accelerator.unwrap_model(D).load_state_dict(d_sd)
+        accelerator.unwrap_model(gan_step.G).load_state_dict(g_sd)
+        accelerator.unwrap_model(gan_step.D).load_state_dict(d_sd)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise RuntimeError(f"checkpoint {path}: weights do not fit this config's model ({first}); "
+        raise RuntimeError(f"checkpoint {path}: weights do not fit this config's model ({first_line(exc)}); "
                            "use the run's model.* settings or a new run.dir") from None
-    opt_g.load_state_dict(blob["opt_g"])
-    opt_d.load_state_dict(blob["opt_d"])
+    gan_step.opt_g.load_state_dict(blob["opt_g"])
+    gan_step.opt_d.load_state_dict(blob["opt_d"])
     if accelerator.scaler is not None and blob["scaler"] is not None:
         accelerator.scaler.load_state_dict(blob["scaler"])
-    rng = blob["rng"]
+    rng, rank = blob["rng"], accelerator.process_index
     if rng.shape[0] == accelerator.num_processes:
-        noise.set_state(rng[accelerator.process_index].clone())  # a row view at an offset crashes set_state
+        gan_step.noise.set_state(rng[rank].clone())  # a row view at an offset crashes set_state
     else:  # another world size: a fresh, still deterministic stream per rank
-        noise.manual_seed(blob["step"] * 7919 + accelerator.process_index)
+        gan_step.noise.manual_seed(reseeded_noise_seed(blob["step"], rank))
     return TrainingState(step=blob["step"], epoch=blob["epoch"], batch_in_epoch=blob["batch_in_epoch"],
-                         fixed_noise=blob["fixed_noise"].to(device), world_size=blob["world_size"],
+                         fixed_noise=blob["fixed_noise"].to(accelerator.device), world_size=blob["world_size"],
                          batch_size=blob["batch_size"])
+
+
+def resume_or_start(accelerator: Accelerator, run_dir: Path, gan_step: GANStep, fixed_noise: torch.Tensor,
+                    batch_size: int, learning_rates: tuple[float, float]) -> tuple[TrainingState, Path | None]:
+    """The run's training state and the checkpoint it resumed from: the latest one in `run_dir`, loaded
+    into `gan_step`, or none and a fresh state at step 0 (with `fixed_noise` for the sample grids).
+
+    A resume may run on another number of processes or another per-process `batch_size` (a requeue on
+    other nodes). Two rules keep it right:
+    * the data position is counted in samples: the epoch goes on after as many samples as were seen,
+      in whole batches of the new global size;
+    * the learning rates are `learning_rates` (G, D) as the config and the world size give them now
+      (optim.scale_lr), not the ones saved in the optimizers' state.
+    """
+    world = accelerator.num_processes
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        return TrainingState(step=0, epoch=0, batch_in_epoch=0, fixed_noise=fixed_noise, world_size=world,
+                             batch_size=batch_size), None
+    state = load_checkpoint(accelerator, path, gan_step)
+    if (state.world_size, state.batch_size) != (world, batch_size):
+        seen = state.batch_in_epoch * state.world_size * state.batch_size
+        state.batch_in_epoch = seen // (world * batch_size)
+    state.world_size, state.batch_size = world, batch_size
+    for opt, lr in zip((gan_step.opt_g, gan_step.opt_d), learning_rates):
+        for group in opt.param_groups:
+            group["lr"] = lr
+    return state, path

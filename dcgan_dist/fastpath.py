@@ -9,12 +9,19 @@ step's own), and why; docs/performance.md has the measurements:
 * One CUDA graph for the whole step (one CUDA process, no fp16 loss scaler). At batch 128 an eager
   step is about a hundred small kernels whose launches take longer than their arithmetic; replaying
   one captured graph launches them all at once. PyTorch's whole-network recipe: a few eager warm-up
-  steps on a side stream (cuDNN autotuning, Adam's state, the allocator), then one capture of
-  `GANStep.__call__` on a static input buffer, with the optimizers `capturable` and the noise
-  generator registered with the graph, so every replay draws new z exactly as an eager step would
-  and its checkpointed state stays right. The step updates everything in place (weights, Adam
-  moments, BatchNorm running statistics, the statistic sums), so the trainer reads, logs and
+  steps on a side stream (cuDNN autotuning, Adam's state, the allocator, the statistic sums), then
+  one capture of the step on a static input buffer, after `GANStep.make_capturable()` and with the
+  step's noise generator registered with the graph, so every replay draws new z exactly as an eager
+  step would and its checkpointed state stays right. The step updates everything in place (weights,
+  Adam moments, BatchNorm running statistics, the statistic sums), so the trainer reads, logs and
   checkpoints the very tensors the replays write. A replay costs the host one batch copy and one launch.
+
+The graph is checked before it is trusted: the first step it would run is run twice from the same
+saved state, once as a replay and once eagerly, and the two results (weights, buffers, Adam's state,
+statistic sums, the noise generator's next state) must agree (`snapshot_differences`). The run keeps
+the eager result either way, so the check costs one extra step's work and never advances the run
+twice. If they disagree, or anything in the capture or the check raises, one line says why and every
+later step runs eagerly. That check is what lets `perf.cuda_graph` default to true.
 
 What the capture fixes: the learning rates and betas (no scheduler changes them) and the optimizer
 state tensors (train.py loads a checkpoint before the first step, so before the capture).
@@ -22,6 +29,7 @@ Where the graph cannot apply, steps run eagerly and the reason is logged once.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -29,9 +37,14 @@ from accelerate import Accelerator
 from torch import nn
 
 from dcgan_dist.config import PerfConfig
+from dcgan_dist.errors import summary
 from dcgan_dist.step import GANStep, StepOutput
 
 WARMUP_STEPS = 3  # eager steps on a side stream before the capture, as in PyTorch's one-GPU recipe
+# Replay and eager step agree when, per tensor, |replay - eager| <= CHECK_ATOL * sqrt(n) + CHECK_RTOL * |eager|
+# (L2 norms over the whole tensor); snapshot_differences says why these values.
+CHECK_RTOL, CHECK_ATOL = 1e-3, 1e-6
+NAMES_SHOWN = 5  # differing tensors named in the log line
 
 
 def fast_memory_format(perf: PerfConfig, device: torch.device) -> torch.memory_format:
@@ -66,6 +79,59 @@ def graph_blocker(perf: PerfConfig, accelerator: Accelerator) -> str | None:
     return None
 
 
+def snapshot_differences(eager: dict[str, torch.Tensor], replayed: dict[str, torch.Tensor],
+                         rtol: float = CHECK_RTOL, atol: float = CHECK_ATOL) -> list[str]:
+    """What differs between two snapshots of the step's state (`GANStep.snapshot`), one phrase per
+    tensor; empty when they agree.
+
+    Floating-point tensors agree when ||replayed - eager|| <= atol * sqrt(n) + rtol * ||eager|| (L2 over
+    the whole tensor) with NaNs in the same places. An atomic add in another order may round a few
+    gradient elements differently, and where a gradient is at rounding level Adam's early steps can
+    then move that weight by 2 lr: a handful of such elements stay far inside the tolerance, while a
+    missed or doubled update or another draw of z changes every element of a layer (about 1e-2 of a
+    convolution's norm at lr 2e-4). Everything else (the noise generator's state, step counters) must
+    be equal.
+    """
+    problems = [f"{name} (missing from the replayed step)" for name in eager if name not in replayed]
+    problems += [f"{name} (missing from the eager step)" for name in replayed if name not in eager]
+    for name in eager.keys() & replayed.keys():
+        a, b = eager[name], replayed[name]
+        if a.shape != b.shape or a.dtype != b.dtype:
+            problems.append(f"{name} ({a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)})")
+        elif not a.is_floating_point():
+            if not torch.equal(a, b):
+                problems.append(f"{name} (not equal)")
+        else:
+            a, b = a.double(), b.double()
+            nan = torch.isnan(a)
+            if not torch.equal(nan, torch.isnan(b)):
+                problems.append(f"{name} (NaN in different places)")
+                continue
+            a, b = a.masked_fill(nan, 0.0), b.masked_fill(nan, 0.0)
+            diff = float(torch.linalg.vector_norm(b - a))
+            scale = float(torch.linalg.vector_norm(a))
+            if not diff <= atol * math.sqrt(a.numel()) + rtol * scale:  # `not <=`: a NaN difference fails too
+                problems.append(f"{name} (relative difference {diff / scale:.1e})" if scale else
+                                f"{name} (difference {diff:.1e})")
+    return sorted(problems)
+
+
+def checked_replay(step: GANStep, replay: Callable[[], None], batch: torch.Tensor) -> tuple[StepOutput, list[str]]:
+    """One step from the same saved state twice: `replay()`, then, with the state put back, an eager step
+    on `batch`. The eager step's result stays (the run advances by one step); returns its output and
+    what differed (`snapshot_differences`). If anything raises, the state before the step is put back."""
+    before = step.snapshot()
+    try:
+        replay()
+        replayed = step.snapshot()
+        step.restore(before)
+        out = step(batch)
+        return out, snapshot_differences(step.snapshot(), replayed)
+    except BaseException:
+        step.restore(before)
+        raise
+
+
 class StepRunner:
     """Feeds host batches to a `GANStep`: eagerly, or after warm-up as replays of one captured CUDA graph.
 
@@ -81,14 +147,15 @@ class StepRunner:
         self.memory_format = fast_memory_format(perf, self.device)
         self.graph_off = graph_blocker(perf, step.accelerator)  # None: the graph is (to be) used
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.checked = False  # whether the graph's first replay has been checked against an eager step
         self.out: StepOutput | None = None  # the captured step's outputs, rewritten by every replay
         self.static: torch.Tensor | None = None  # the captured input batch (uint8, device, fast layout)
         self.warmed = 0
         self._noted: set[str] = set()
         layout = "channels_last" if self.memory_format == torch.channels_last else "contiguous"
         autotune = self.device.type == "cuda" and torch.backends.cudnn.benchmark
-        how = (f"one CUDA graph of the whole step after {warmup_steps} eager warm-up steps" if self.graph_off is None
-               else f"eager steps ({self.graph_off})")
+        how = (f"one CUDA graph of the whole step after {warmup_steps} eager warm-up steps, its first replay "
+               "checked against an eager step" if self.graph_off is None else f"eager steps ({self.graph_off})")
         log(f"[dcgan-train] fast path: precision {step.accelerator.mixed_precision}, {layout} layout, "
             f"cuDNN autotuning {'on' if autotune else 'off'}, fused Adam; {how}")
 
@@ -107,6 +174,8 @@ class StepRunner:
                 return self._warm_up()
             if not self._capture():
                 return self.step(self.static)
+        if not self.checked:
+            return self._checked_first_replay()
         self.graph.replay()
         return self.out
 
@@ -114,6 +183,10 @@ class StepRunner:
         if message not in self._noted:
             self._noted.add(message)
             self.log(f"[dcgan-train] fast path: {message}")
+
+    def _eager_from_now_on(self, reason: str) -> None:
+        self.graph_off, self.graph, self.out = reason, None, None
+        self.log(f"[dcgan-train] fast path: WARNING: eager steps from here on: {reason}")
 
     def _on_device(self, images: torch.Tensor) -> torch.Tensor:
         """The batch for an eager step: on the device in the models' layout (CPU: as it is; the step moves it)."""
@@ -161,33 +234,36 @@ class StepRunner:
     def _capture(self) -> bool:
         """Capture one step on the static batch (nothing runs yet); on failure log why and stay eager."""
         step = self.step
-        for opt in (step.opt_g, step.opt_d):
-            for group in getattr(opt, "optimizer", opt).param_groups:
-                group["capturable"] = True  # Adam's check that its step may be captured; fused math is unchanged
-        graph = torch.cuda.CUDAGraph()
-        graph.register_generator_state(step.noise)  # each replay advances z's generator like an eager step
         noise_state = step.noise.get_state()
         try:
+            step.make_capturable()
+            graph = torch.cuda.CUDAGraph()
+            graph.register_generator_state(step.noise)  # each replay advances z's generator like an eager step
             # thread_local: the DataLoader's pin-memory thread keeps allocating pinned memory meanwhile,
             # which global mode would count against the capture.
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 out = step(self.static)
         except Exception as exc:  # noqa: BLE001 - any capture failure means eager steps, with the reason
-            first = (str(exc).strip().splitlines() or [""])[0]
-            self.graph_off = f"the capture failed ({type(exc).__name__}: {first})"
-            self._restore_after_failed_capture(noise_state)
-            self.log(f"[dcgan-train] fast path: eager steps from here on, {self.graph_off}")
+            step.restore_after_failed_capture(noise_state)
+            torch.cuda.synchronize(self.device)
+            self._eager_from_now_on(f"the capture failed ({summary(exc)})")
             return False
         self.graph, self.out = graph, out
         return True
 
-    def _restore_after_failed_capture(self, noise_state: torch.Tensor) -> None:
-        """Undo the host-side effects of a half-recorded step (no kernel of it ran)."""
-        step = self.step
-        step.D_bare.requires_grad_(True)
-        step.opt_g.zero_grad(set_to_none=True)
-        step.opt_d.zero_grad(set_to_none=True)
-        fresh = torch.Generator(device=self.device)  # the old one may still think it is being captured
-        fresh.set_state(noise_state)
-        step.noise = fresh
-        torch.cuda.synchronize(self.device)
+    def _checked_first_replay(self) -> StepOutput:
+        """The graph's first step, run as a replay and eagerly from the same state and compared; the eager
+        result stays. On a difference or an error the graph is dropped and the run goes on eagerly."""
+        try:
+            out, differences = checked_replay(self.step, self.graph.replay, self.static)
+        except Exception as exc:  # noqa: BLE001 - the state before the step is back: go on eagerly from it
+            self._eager_from_now_on(f"the CUDA graph's self-check failed ({summary(exc)})")
+            return self.step(self.static)
+        self.checked = True
+        if differences:
+            shown = ", ".join(differences[:NAMES_SHOWN]) + (f" and {len(differences) - NAMES_SHOWN} more"
+                                                            if len(differences) > NAMES_SHOWN else "")
+            self._eager_from_now_on(f"the CUDA graph's replay of a step differs from the eager step in {shown}")
+        else:
+            self.log("[dcgan-train] fast path: CUDA graph self-check passed (a replay matches the eager step)")
+        return out

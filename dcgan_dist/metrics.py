@@ -1,7 +1,7 @@
 """What the user sees: TensorBoard events and the console, written by the main process only.
 
-Scalars are reduced over ranks before they get here (`reduce_mean`), so every process takes
-part in the collective call while only one writes.
+Scalars are reduced over ranks before they get here (`stats.reduce_by_name`), so every process
+takes part in the collective call while only one writes.
 """
 from __future__ import annotations
 
@@ -14,25 +14,21 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
+from dcgan_dist.imaging import to_unit
+
 TB_DIR = "tb"
-
-
-def reduce_mean(accelerator: Accelerator, values: torch.Tensor) -> list[float]:
-    """Average a device tensor over ranks and read it to the host (the one sync per log interval)."""
-    if accelerator.num_processes > 1:
-        values = accelerator.reduce(values, reduction="mean")
-    return values.tolist()
 
 
 def image_grid(images: torch.Tensor, nrow: int = 8) -> torch.Tensor:
     """[-1, 1] float or uint8 (N, C, H, W) -> one float grid in [0, 1] for TensorBoard."""
-    x = images.detach().float().cpu()
-    x = x / 255.0 if images.dtype == torch.uint8 else (x + 1.0) / 2.0
-    return make_grid(x.clamp(0, 1), nrow=nrow, padding=2)
+    return make_grid(to_unit(images.detach().cpu()), nrow=nrow, padding=2)
 
 
 class RunLogger:
-    """TensorBoard writer plus progress bar; every method is a no-op off the main process."""
+    """TensorBoard writer plus progress bar; every method is a no-op off the main process.
+
+    As a context manager it closes both on the way out, also when the run ends with an exception.
+    """
 
     def __init__(self, accelerator: Accelerator, run_dir: Path, start_step: int, total_steps: int):
         self.enabled = accelerator.is_main_process
@@ -79,9 +75,11 @@ class RunLogger:
         if self.enabled:
             (self.bar.write if self.bar is not None else print)(line)
 
-    def flush(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         if self.bar is not None:

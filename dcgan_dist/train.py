@@ -13,21 +13,20 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from accelerate import Accelerator
-
-from dcgan_dist.checkpoint import (CHECKPOINT_DIR, TrainingState, latest_checkpoint, load_checkpoint,
-                                   save_checkpoint)
 from dcgan_dist.config import Config, ConfigError, config_to_yaml, load_config
-from dcgan_dist.data import BatchSource, make_batch_source
-from dcgan_dist.diagnostics import Diagnostics
-from dcgan_dist.fastpath import StepRunner, prepare_models
-from dcgan_dist.metrics import TB_DIR, RunLogger, reduce_mean
-from dcgan_dist.models import Discriminator, Generator, count_parameters, sample_with_batch_statistics
-from dcgan_dist.parallel import build_accelerator, prepare_gan
-from dcgan_dist.preemption import StopRequest
-from dcgan_dist.step import HEALTH_TAGS, STAT_TAGS, GANStep
+from dcgan_dist.fileio import atomic_write
+
+if TYPE_CHECKING:  # torch, accelerate and what needs them load in the functions that use them: --help is instant
+    import torch
+    from accelerate import Accelerator
+
+    from dcgan_dist.checkpoint import TrainingState
+    from dcgan_dist.data import BatchSource
+    from dcgan_dist.metrics import RunLogger
+    from dcgan_dist.preemption import StopRequest
+    from dcgan_dist.step import GANStep
 
 FIXED_NOISE_SAMPLES = 64
 REAL_GRID_SAMPLES = 64
@@ -35,21 +34,6 @@ REAL_GRID_SAMPLES = 64
 
 class NonFiniteError(RuntimeError):
     """`train.max_nonfinite` consecutive steps had a non-finite loss or gradient."""
-
-
-def reduced_scalars(accelerator: Accelerator, step_fn: GANStep, max_nonfinite: int) -> tuple[dict[str, float], bool]:
-    """The interval's step statistics and health counts averaged over ranks (one collective), and
-    whether some rank reached `max_nonfinite` consecutive non-finite steps."""
-    tags, parts = [*STAT_TAGS, *HEALTH_TAGS], [step_fn.take_means(), step_fn.take_health()]
-    scale = step_fn.loss_scale()
-    if scale is not None:
-        tags.append("amp/scale")
-        parts.append(scale.reshape(1).float())
-    values = reduce_mean(accelerator, torch.cat([*parts, step_fn.nonfinite_flags(max_nonfinite)]))
-    scalars = dict(zip(tags, values))
-    if scale is None:  # without fp16 nothing is skipped for overflow
-        del scalars["amp/skipped_steps"]
-    return scalars, values[len(tags)] > 0
 
 
 def resolve_data_source(cfg: Config, accelerator: Accelerator) -> None:
@@ -72,15 +56,17 @@ def resolve_data_source(cfg: Config, accelerator: Accelerator) -> None:
 
 
 def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
+    """The run folder, emptied first with `run.fresh`, holding the resolved config.yaml (main process)."""
+    from dcgan_dist.checkpoint import CHECKPOINT_DIR
+    from dcgan_dist.metrics import TB_DIR
+
     run_dir = Path(cfg.run.dir)
     if accelerator.is_main_process:
         if cfg.run.fresh:
             shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
             shutil.rmtree(run_dir / TB_DIR, ignore_errors=True)
         run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / "config.yaml.tmp"
-        tmp.write_text(config_to_yaml(cfg))
-        tmp.replace(run_dir / "config.yaml")
+        atomic_write(run_dir / "config.yaml", config_to_yaml(cfg))
     accelerator.wait_for_everyone()
     return run_dir
 
@@ -90,140 +76,207 @@ def train(cfg: Config) -> dict[str, float]:
 
     SIGUSR1 or SIGTERM (see preemption.py) ends the run early with a checkpoint; starting again resumes.
     """
+    from dcgan_dist.parallel import build_accelerator
+    from dcgan_dist.preemption import StopRequest
+
     accelerator = build_accelerator(cfg)
     with StopRequest(accelerator, cfg.train.stop_check_every) as stop:  # before any loader worker forks
         return run_training(cfg, accelerator, stop)
 
 
-def build_gan(cfg: Config, accelerator: Accelerator, lr_scale: float = 1) -> tuple:
-    """G, D (the same initial weights on every rank), their fused Adam optimizers, prepared, and the step."""
+def build_gan(cfg: Config, accelerator: Accelerator, lr_scale: float = 1) -> GANStep:
+    """The training step over G and D (the same initial weights on every rank) and their fused Adam
+    optimizers, all prepared by the accelerator."""
+    import torch
+
+    from dcgan_dist.fastpath import prepare_models
+    from dcgan_dist.models import Discriminator, Generator
+    from dcgan_dist.parallel import prepare_gan
+    from dcgan_dist.step import GANStep
+
     torch.manual_seed(cfg.run.seed)
     G = Generator(cfg.model.nz, cfg.model.ngf, cfg.model.channels)
     D = Discriminator(cfg.model.ndf, cfg.model.channels)
     prepare_models(cfg.perf, accelerator.device, G, D)
-    fused = {"fused": True}
-    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.optim.lr_g * lr_scale, betas=cfg.optim.betas_g, **fused)
-    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_d * lr_scale, betas=cfg.optim.betas_d, **fused)
+    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.optim.lr_g * lr_scale, betas=cfg.optim.betas_g, fused=True)
+    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_d * lr_scale, betas=cfg.optim.betas_d, fused=True)
     G, D, opt_g, opt_d = prepare_gan(accelerator, cfg.ddp.batchnorm, G, D, opt_g, opt_d)
-    step_fn = GANStep(accelerator, G, D, opt_g, opt_d, cfg.loss, cfg.model.nz, cfg.run.seed)
-    return G, D, opt_g, opt_d, step_fn
+    return GANStep(accelerator, G, D, opt_g, opt_d, cfg.loss, cfg.model.nz, cfg.run.seed)
+
+
+def fixed_noise(cfg: Config, accelerator: Accelerator) -> torch.Tensor:
+    """The z of the sample grids: the same in every run with this seed, on every rank."""
+    import torch
+
+    generator = torch.Generator().manual_seed(cfg.run.seed)
+    return torch.randn(FIXED_NOISE_SAMPLES, cfg.model.nz, 1, 1, generator=generator).to(accelerator.device)
+
+
+def total_steps(cfg: Config, batches_per_epoch: int) -> int:
+    """`train.epochs` epochs, or fewer steps with `train.max_steps`."""
+    total = cfg.train.epochs * batches_per_epoch
+    return min(total, cfg.train.max_steps) if cfg.train.max_steps else total
 
 
 def run_training(cfg: Config, accelerator: Accelerator, stop: StopRequest) -> dict[str, float]:
+    """The training loop, section by section; returns the last logged scalars.
+
+    `gan_step` is the step (it owns G, D, their optimizers, the noise and the statistics); `runner`
+    runs it, eagerly or as a CUDA graph; `state.step` counts the steps done.
+    """
+    from dcgan_dist.checkpoint import resume_or_start
+    from dcgan_dist.data import make_batch_source
+    from dcgan_dist.diagnostics import Diagnostics
+    from dcgan_dist.fastpath import StepRunner
+    from dcgan_dist.metrics import RunLogger
+
+    # --- data and the run folder
     resolve_data_source(cfg, accelerator)
     run_dir = prepare_run_dir(cfg, accelerator)
     world = accelerator.num_processes
-    source: BatchSource = make_batch_source(cfg.data, batch_size=cfg.train.batch_size,
-                                            rank=accelerator.process_index, world_size=world, seed=cfg.run.seed)
+    source = make_batch_source(cfg.data, batch_size=cfg.train.batch_size, rank=accelerator.process_index,
+                               world_size=world, seed=cfg.run.seed)
 
+    # --- the step, and the state to start from: the latest checkpoint's, or step 0
     lr_scale = world if cfg.optim.scale_lr else 1
-    G, D, opt_g, opt_d, step_fn = build_gan(cfg, accelerator, lr_scale)
+    gan_step = build_gan(cfg, accelerator, lr_scale)
+    state, resumed_from = resume_or_start(accelerator, run_dir, gan_step, fixed_noise(cfg, accelerator),
+                                          cfg.train.batch_size, (cfg.optim.lr_g * lr_scale, cfg.optim.lr_d * lr_scale))
+    total = total_steps(cfg, source.batches_per_epoch)
 
-    fixed_noise = torch.randn(FIXED_NOISE_SAMPLES, cfg.model.nz, 1, 1,
-                              generator=torch.Generator().manual_seed(cfg.run.seed)).to(accelerator.device)
-    state = TrainingState(step=0, epoch=0, batch_in_epoch=0, fixed_noise=fixed_noise, world_size=world,
-                          batch_size=cfg.train.batch_size)
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is not None:
-        state = load_checkpoint(accelerator, ckpt, G, D, opt_g, opt_d, step_fn.noise)
-        if (state.world_size, state.batch_size) != (world, cfg.train.batch_size):
-            seen = state.batch_in_epoch * state.world_size * state.batch_size
-            state.batch_in_epoch = seen // (world * cfg.train.batch_size)
-        state.world_size, state.batch_size = world, cfg.train.batch_size
-        for opt, lr in ((opt_g, cfg.optim.lr_g), (opt_d, cfg.optim.lr_d)):  # the config and world size decide,
-            for group in opt.param_groups:  # not the checkpoint (scale_lr after a requeue on another node count)
-                group["lr"] = lr * lr_scale
-
-    bpe = source.batches_per_epoch
-    total = cfg.train.epochs * bpe
-    if cfg.train.max_steps:
-        total = min(total, cfg.train.max_steps)
-    images_per_step = cfg.train.batch_size * world
+    # --- what the user sees, and how the step runs
     log = RunLogger(accelerator, run_dir, state.step, total)
+    announce_run(cfg, accelerator, log, source, gan_step, state, total, resumed_from)
+    runner = StepRunner(gan_step, cfg.perf, log.message)  # after the resume: a CUDA graph fixes the state it captures
+    diagnostics = Diagnostics.for_run(cfg, accelerator, source, run_dir, state.step, log)
+
+    # --- the loop
+    images_per_step = cfg.train.batch_size * world
+    last: dict[str, float] = {}
+    started, start_step, stopping = time.perf_counter(), state.step, False
+    with log:  # closed on every way out, a NonFiniteError included
+        while state.step < total and state.epoch < cfg.train.epochs and not stopping:
+            for batch in source.batches(state.epoch, state.batch_in_epoch):
+                diagnose = diagnostics is not None and diagnostics.due(state.step + 1)
+                out = runner(batch.images, collect_grad_norms=diagnose)
+                state.count_step(source.batches_per_epoch)
+                if diagnose:
+                    diagnostics(state.step, out, accelerator.unwrap_model(gan_step.G), log)
+                log.advance()
+                if state.step % cfg.log.every == 0 or state.step == total:
+                    last, limit_reached = log_interval(accelerator, gan_step, log, state.step, images_per_step,
+                                                       cfg.train.max_nonfinite)  # a collective
+                    if limit_reached:
+                        raise nonfinite_error(cfg, state, run_dir)
+                if state.step % cfg.log.images_every == 0:
+                    log_samples(accelerator, log, gan_step, state)
+                if state.step % cfg.ckpt.every == 0 and state.step != total:
+                    save_unless_nonfinite(cfg, accelerator, run_dir, state, gan_step, log)  # a collective; may raise
+                stopping = stop.should_stop(state.step)  # a collective on check steps
+                if stopping or state.step >= total:
+                    break
+
+        # --- the end: last samples and checkpoint, a summary
+        if state.step % cfg.log.images_every != 0:
+            log_samples(accelerator, log, gan_step, state)
+        save_unless_nonfinite(cfg, accelerator, run_dir, state, gan_step, log)
+    if accelerator.is_main_process:
+        print_summary(state.step, total, state.step - start_step, time.perf_counter() - started, images_per_step,
+                      last, run_dir, stop.reason() if stopping else None)
+    accelerator.end_training()
+    return last
+
+
+def announce_run(cfg: Config, accelerator: Accelerator, log: RunLogger, source: BatchSource, gan_step: GANStep,
+                 state: TrainingState, total: int, resumed_from: Path | None) -> None:
+    """The run's first console lines; on a fresh start also the config and real images in TensorBoard."""
+    from dcgan_dist.models import count_parameters
+
+    world = accelerator.num_processes
     log.message(f"[dcgan-train] {source.describe()}")
     log.message(f"[dcgan-train] {world} process(es) on {accelerator.device}, precision {cfg.precision}, "
-                f"batch {cfg.train.batch_size} per process = {images_per_step} global; "
-                f"G {count_parameters(G):,} / D {count_parameters(D):,} parameters; steps {state.step} -> {total}")
-    if ckpt is not None:
-        log.message(f"[dcgan-train] resumed from {ckpt} (epoch {state.epoch}, batch {state.batch_in_epoch})")
+                f"batch {cfg.train.batch_size} per process = {cfg.train.batch_size * world} global; "
+                f"G {count_parameters(gan_step.G):,} / D {count_parameters(gan_step.D):,} parameters; "
+                f"steps {state.step} -> {total}")
+    if resumed_from is not None:
+        log.message(f"[dcgan-train] resumed from {resumed_from} (epoch {state.epoch}, batch {state.batch_in_epoch})")
     else:
         log.text("config", 0, "```\n" + config_to_yaml(cfg) + "\n```")
         first = next(iter(source.batches(0)))
         log.grid("images/real", 0, first.images[:REAL_GRID_SAMPLES])
-    run_step = StepRunner(step_fn, cfg.perf, log.message)  # after any checkpoint load: a CUDA graph fixes the state
-    diagnostics = Diagnostics.for_run(cfg, accelerator, source, run_dir, state.step, log)
 
-    def save() -> None:
-        """Checkpoint unless the steps went non-finite: the last good checkpoint is never pruned for a bad one."""
-        flags = reduce_mean(accelerator, step_fn.nonfinite_flags(cfg.train.max_nonfinite))
-        limit_hit, last_bad = (v > 0 for v in flags)
-        if limit_hit:
-            stop_nonfinite()
-        if last_bad:
-            log.message(f"[dcgan-train] step {state.step}: not saving, the last step was not finite; "
-                        f"latest good checkpoint: {latest_checkpoint(run_dir) or 'none'}")
-            return
-        save_checkpoint(accelerator, run_dir, state, G, D, opt_g, opt_d, step_fn.noise, config_to_yaml(cfg),
-                        cfg.ckpt.keep, {"nz": cfg.model.nz, "ngf": cfg.model.ngf, "channels": cfg.model.channels})
 
-    def stop_nonfinite() -> None:
-        log.close()
-        raise NonFiniteError(
-            f"step {state.step}: {cfg.train.max_nonfinite} consecutive steps had a non-finite loss or gradient "
-            f"(train.max_nonfinite) and were skipped; last good checkpoint: {latest_checkpoint(run_dir) or 'none'}; "
-            "try lower optim.lr_g/lr_d or precision=bf16")
+def log_interval(accelerator: Accelerator, gan_step: GANStep, log: RunLogger, step: int, images_per_step: int,
+                 max_nonfinite: int) -> tuple[dict[str, float], bool]:
+    """Log the interval's scalars: the step statistics averaged over ranks by name (one collective, which
+    also carries the non-finite flags), speed and learning rates. Returns them, and whether some rank
+    reached `max_nonfinite` consecutive non-finite steps."""
+    from dcgan_dist.stats import reduce_by_name
+    from dcgan_dist.step import NONFINITE_LIMIT_REACHED
 
-    def sample_grid() -> None:
-        log.grid("images/fake_fixed_noise", state.step,
-                 sample_with_batch_statistics(accelerator.unwrap_model(G), state.fixed_noise))
+    flags = gan_step.nonfinite_flags(max_nonfinite)
+    scalars = reduce_by_name(accelerator, {**gan_step.stats.take(), **flags})
+    limit_reached = scalars[NONFINITE_LIMIT_REACHED] > 0
+    for name in flags:
+        del scalars[name]
+    scale = gan_step.loss_scale()
+    if scale is not None:
+        scalars["amp/scale"] = scale
+    scalars["perf/img_per_s"] = log.rate(step, images_per_step)
+    scalars["lr/G"], scalars["lr/D"] = gan_step.opt_g.param_groups[0]["lr"], gan_step.opt_d.param_groups[0]["lr"]
+    log.scalars(step, scalars)
+    log.show({"img/s": scalars["perf/img_per_s"], "loss/D": scalars["loss/D"], "loss/G": scalars["loss/G"]})
+    return scalars, limit_reached
 
-    last: dict[str, float] = {}
-    started = time.perf_counter()
-    start_step = state.step
-    stopping = False
-    while state.step < total and state.epoch < cfg.train.epochs and not stopping:
-        for batch in source.batches(state.epoch, state.batch_in_epoch):
-            diagnose = diagnostics is not None and diagnostics.due(state.step + 1)
-            out = run_step(batch.images, collect_grad_norms=diagnose)
-            state.step += 1
-            if diagnose:
-                diagnostics(state.step, out, accelerator.unwrap_model(G), log)
-            state.batch_in_epoch += 1
-            log.advance()
-            if state.step % cfg.log.every == 0 or state.step == total:
-                last, limit_hit = reduced_scalars(accelerator, step_fn, cfg.train.max_nonfinite)
-                last["perf/img_per_s"] = log.rate(state.step, images_per_step)
-                last["lr/G"], last["lr/D"] = opt_g.param_groups[0]["lr"], opt_d.param_groups[0]["lr"]
-                log.scalars(state.step, last)
-                log.show({"img/s": last["perf/img_per_s"], "loss/D": last["loss/D"], "loss/G": last["loss/G"]})
-                if limit_hit:
-                    stop_nonfinite()
-            if state.step % cfg.log.images_every == 0:
-                sample_grid()
-            if state.batch_in_epoch == bpe:
-                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            if state.step % cfg.ckpt.every == 0 and state.step != total:
-                save()
-            stopping = stop.should_stop(state.step)
-            if stopping or state.step >= total:
-                break
-    if state.step % cfg.log.images_every != 0:
-        sample_grid()
-    save()
-    log.close()
-    elapsed = time.perf_counter() - started
-    steps_done = state.step - start_step
-    if accelerator.is_main_process:
-        rate = steps_done * images_per_step / max(elapsed, 1e-9)
-        tail = "".join(f"{k} {last[k]:.3f}; " for k in ("loss/D", "loss/G", "D(x)", "D(G(z))/after_D_step")
-                       if k in last)
-        if stopping:
-            print(f"[dcgan-train] stopped by {stop.reason()} at step {state.step}/{total}; start the same "
-                  f"command again to resume from {latest_checkpoint(run_dir)}", flush=True)
-        print(f"[dcgan-train] done: step {state.step}/{total}, {steps_done} steps in {elapsed:.1f}s "
-              f"({rate:,.0f} img/s); {tail}run dir {run_dir}", flush=True)
-    accelerator.end_training()
-    return last
+
+def nonfinite_error(cfg: Config, state: TrainingState, run_dir: Path) -> NonFiniteError:
+    from dcgan_dist.checkpoint import latest_checkpoint
+
+    return NonFiniteError(
+        f"step {state.step}: {cfg.train.max_nonfinite} consecutive steps had a non-finite loss or gradient "
+        f"(train.max_nonfinite) and were skipped; last good checkpoint: {latest_checkpoint(run_dir) or 'none'}; "
+        "try lower optim.lr_g/lr_d or precision=bf16")
+
+
+def save_unless_nonfinite(cfg: Config, accelerator: Accelerator, run_dir: Path, state: TrainingState,
+                          gan_step: GANStep, log: RunLogger) -> None:
+    """Checkpoint (every rank takes part) unless the steps went non-finite: the last good checkpoint is
+    never pruned for a bad one. Raises NonFiniteError when some rank reached `train.max_nonfinite`."""
+    from dcgan_dist.checkpoint import latest_checkpoint, save_checkpoint
+    from dcgan_dist.stats import reduce_by_name
+    from dcgan_dist.step import LAST_STEP_NONFINITE, NONFINITE_LIMIT_REACHED
+
+    flags = reduce_by_name(accelerator, gan_step.nonfinite_flags(cfg.train.max_nonfinite))  # over all ranks
+    if flags[NONFINITE_LIMIT_REACHED] > 0:
+        raise nonfinite_error(cfg, state, run_dir)
+    if flags[LAST_STEP_NONFINITE] > 0:
+        log.message(f"[dcgan-train] step {state.step}: not saving, the last step was not finite; "
+                    f"latest good checkpoint: {latest_checkpoint(run_dir) or 'none'}")
+        return
+    model_config = {"nz": cfg.model.nz, "ngf": cfg.model.ngf, "channels": cfg.model.channels}
+    save_checkpoint(accelerator, run_dir, state, gan_step, config_to_yaml(cfg), cfg.ckpt.keep, model_config)
+
+
+def log_samples(accelerator: Accelerator, log: RunLogger, gan_step: GANStep, state: TrainingState) -> None:
+    """G(fixed noise) as an image grid in TensorBoard."""
+    from dcgan_dist.models import sample_with_batch_statistics
+
+    G = accelerator.unwrap_model(gan_step.G)
+    log.grid("images/fake_fixed_noise", state.step, sample_with_batch_statistics(G, state.fixed_noise))
+
+
+def print_summary(step: int, total: int, steps_done: int, elapsed: float, images_per_step: int,
+                  last: dict[str, float], run_dir: Path, stopped_by: str | None) -> None:
+    """The run's last console lines: why it stopped early if it did; steps, speed, the last losses, the run dir."""
+    from dcgan_dist.checkpoint import latest_checkpoint
+
+    if stopped_by is not None:
+        print(f"[dcgan-train] stopped by {stopped_by} at step {step}/{total}; start the same "
+              f"command again to resume from {latest_checkpoint(run_dir)}", flush=True)
+    rate = steps_done * images_per_step / max(elapsed, 1e-9)
+    tail = "".join(f"{k} {last[k]:.3f}; " for k in ("loss/D", "loss/G", "D(x)", "D(G(z))/after_D_step") if k in last)
+    print(f"[dcgan-train] done: step {step}/{total}, {steps_done} steps in {elapsed:.1f}s "
+          f"({rate:,.0f} img/s); {tail}run dir {run_dir}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,8 +4,8 @@
 
 Each rank writes OUT_DIR/rank{r}.json: the sample keys it was given, digests of G's and D's
 parameters and buffers after every step, D's gradients and D's all-reduce calls during each step,
-and the step at which the ranks agreed to stop after rank 1 (only) sent itself SIGUSR1 at step
-SIGNAL_AT.
+the step at which the ranks agreed to stop after rank 1 (only) sent itself SIGUSR1 at step
+SIGNAL_AT, and the step statistics of all steps, this rank's own and as reduced over the ranks.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from dcgan_dist.config import load_config
 from dcgan_dist.data import make_batch_source
 from dcgan_dist.parallel import build_accelerator
 from dcgan_dist.preemption import StopRequest
+from dcgan_dist.stats import reduce_by_name
 from dcgan_dist.train import build_gan
 
 
@@ -39,7 +40,8 @@ def main() -> None:
     rank, world = acc.process_index, acc.num_processes
     source = make_batch_source(cfg.data, batch_size=cfg.train.batch_size, rank=rank, world_size=world,
                                seed=cfg.run.seed)
-    G, D, opt_g, opt_d, step_fn = build_gan(cfg, acc)
+    gan_step = build_gan(cfg, acc)
+    G, D = gan_step.G, gan_step.D
 
     d_allreduces = [0]
 
@@ -55,7 +57,7 @@ def main() -> None:
         for epoch in range(cfg.train.epochs):
             for batch in source.batches(epoch):
                 before = d_allreduces[0]
-                step_fn(batch.images)
+                gan_step(batch.images)
                 step += 1
                 record["keys"].append(batch.keys)
                 record["d_allreduces"].append(d_allreduces[0] - before)
@@ -70,9 +72,12 @@ def main() -> None:
                     break
             if step == steps:
                 break
+    taken = gan_step.stats.take()
+    record["stats_local"] = {name: float(v) for name, v in taken.items()}
+    record["stats_reduced"] = reduce_by_name(acc, taken)
     # one plain backward through D: how many all-reduce calls a single D backward makes
     before = d_allreduces[0]
-    real = step_fn.normalise(batch.images)
+    real = gan_step.normalise(batch.images)
     acc.backward(D(real).float().mean())
     record["allreduces_per_d_backward"] = d_allreduces[0] - before
     (out / f"rank{rank}.json").write_text(json.dumps(record))

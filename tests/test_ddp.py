@@ -44,6 +44,12 @@ def test_two_ranks_step_in_lockstep_on_disjoint_samples(tmp_path, shards):
     # rank 1 alone got SIGUSR1 at step 3; both ranks agreed to stop at the next check (step 4)
     assert r0["stopped_at"] == r1["stopped_at"] == 4
     assert (r0["stop_reason"], r1["stop_reason"]) == ("a stop signal on another rank", "SIGUSR1")
+    # the step statistics are averaged over the ranks by name; each rank's own differ (its own batches)
+    local0, local1 = r0["stats_local"], r1["stats_local"]
+    assert local0.keys() == local1.keys() == r0["stats_reduced"].keys() and "loss/D" in local0
+    assert r0["stats_reduced"] == r1["stats_reduced"] and local0["loss/D"] != local1["loss/D"]
+    for name, value in r0["stats_reduced"].items():
+        assert value == pytest.approx((local0[name] + local1[name]) / 2, rel=1e-6), name
 
 
 def test_trainer_under_accelerate_launch_on_uneven_shards_rank0_writes(tmp_path, shards):

@@ -11,7 +11,7 @@ from dcgan_dist.checkpoint import checkpoint_dirs
 from dcgan_dist.config import ConfigError, LossConfig, load_config
 from dcgan_dist.models import Discriminator, Generator
 from dcgan_dist.parallel import build_accelerator
-from dcgan_dist.step import HEALTH_TAGS, STAT_TAGS, GANStep
+from dcgan_dist.step import LAST_STEP_NONFINITE, NONFINITE_LIMIT_REACHED, GANStep
 from dcgan_dist.train import main
 
 INIT_SCALE = 2.0 ** 10
@@ -45,11 +45,21 @@ def adam_steps(opt) -> list[float]:
     return [float(s["step"]) for s in opt.optimizer.state.values()]
 
 
+def counts(step: GANStep) -> dict[str, float]:
+    """The skip counters of the interval since the last call (resets every statistic)."""
+    return {k: float(v) for k, v in step.stats.take().items() if k in ("amp/skipped_steps", "train/nonfinite_steps")}
+
+
+def flags(step: GANStep, limit: int) -> list[float]:
+    named = step.nonfinite_flags(limit)
+    return [float(named[NONFINITE_LIMIT_REACHED]), float(named[LAST_STEP_NONFINITE])]
+
+
 def test_fp16_overflow_skips_only_that_update_counts_it_and_halves_the_scale():
     step, G, D = make_step(torch.amp.GradScaler("cpu", init_scale=INIT_SCALE))
     step(images(0))
-    assert float(step.loss_scale()) == INIT_SCALE
-    step.take_health()
+    assert step.loss_scale() == INIT_SCALE
+    step.stats.take()
     g0, d0, d_steps = snapshot(G), snapshot(D), adam_steps(step.opt_d)
     # an infinite gradient in D's last layer during the next D backward only
     weight = step.D_bare.main[-1].weight
@@ -58,20 +68,18 @@ def test_fp16_overflow_skips_only_that_update_counts_it_and_halves_the_scale():
     handle.remove()
     assert unchanged(D, d0) and adam_steps(step.opt_d) == d_steps  # D's update and its Adam step count skipped
     assert not unchanged(G, g0)  # G's own step went ahead
-    assert float(step.loss_scale()) == INIT_SCALE / 2  # GradScaler's backoff after one overflow
-    # one skipped optimizer step, no bad loss, under the tags the trainer logs them with
-    health = dict(zip(HEALTH_TAGS, step.take_health().tolist()))
-    assert health == {"amp/skipped_steps": 1.0, "train/nonfinite_steps": 0.0}
+    assert step.loss_scale() == INIT_SCALE / 2  # GradScaler's backoff after one overflow
+    assert counts(step) == {"amp/skipped_steps": 1.0, "train/nonfinite_steps": 0.0}  # one skipped update, no bad loss
     d1 = snapshot(D)
     step(images(2))
-    assert not unchanged(D, d1) and step.take_health().tolist() == [0.0, 0.0]
+    assert not unchanged(D, d1) and counts(step) == {"amp/skipped_steps": 0.0, "train/nonfinite_steps": 0.0}
 
 
 @pytest.mark.parametrize("bad", ["nan", "inf"])
 def test_a_nonfinite_loss_skips_both_updates_and_is_counted(bad):
     step, G, D = make_step()
     step(images(0))
-    finite_means = step.take_means()
+    finite_means = step.stats.take()
     g0, d0 = snapshot(G), snapshot(D)
     steps_before = adam_steps(step.opt_d) + adam_steps(step.opt_g)
     # +inf logits give an infinite BCE whose gradients are finite: the step must still be skipped
@@ -80,14 +88,15 @@ def test_a_nonfinite_loss_skips_both_updates_and_is_counted(bad):
     handle.remove()
     assert unchanged(G, g0) and unchanged(D, d0)
     assert adam_steps(step.opt_d) + adam_steps(step.opt_g) == steps_before
-    assert step.take_health().tolist() == [0.0, 1.0]
-    assert step.nonfinite_flags(limit=1).tolist() == [1.0, 1.0]
-    assert torch.isnan(step.take_means()).all()  # no finite step in this interval: NaN, not a made-up 0
+    assert flags(step, limit=1) == [1.0, 1.0]
+    taken = step.stats.take()
+    assert "amp/skipped_steps" not in taken and float(taken.pop("train/nonfinite_steps")) == 1.0
+    assert all(torch.isnan(v) for v in taken.values())  # no finite step in this interval: NaN, not a made-up 0
     step(images(2))
     assert not unchanged(G, g0) and not unchanged(D, d0)
-    assert step.nonfinite_flags(limit=2).tolist() == [0.0, 0.0]  # streak reset; the longest was 1
-    means = step.take_means()
-    assert torch.isfinite(means).all() and means.shape == finite_means.shape == (len(STAT_TAGS),)
+    assert flags(step, limit=2) == [0.0, 0.0]  # streak reset; the longest was 1
+    means = step.stats.take()
+    assert means.keys() == finite_means.keys() and all(torch.isfinite(v) for v in means.values())
 
 
 def test_consecutive_nonfinite_steps_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, image_folder, capsys):
@@ -126,8 +135,10 @@ def test_fp16_on_cpu_is_a_clear_error_and_bf16_runs_with_fp32_losses():
     out = step(images(0))
     # D ran under bf16 autocast (Accelerate hands its outputs back as fp32): the logits are bf16 values
     assert torch.equal(out.real_logits, out.real_logits.bfloat16().float())
-    assert step.loss_scale() is None and step.sums.dtype == torch.float32
-    assert torch.isfinite(step.take_means()).all() and step.take_health().tolist() == [0.0, 0.0]
+    assert step.loss_scale() is None
+    taken = step.stats.take()
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in taken.values())
+    assert float(taken["train/nonfinite_steps"]) == 0.0
 
 
 def test_auto_precision_is_bf16_only_on_a_bf16_cuda_gpu(monkeypatch):

@@ -1,4 +1,5 @@
-"""The GAN step against the reference DCGAN step written with plain torch (Sigmoid + BCELoss)."""
+"""The GAN step against the reference DCGAN step written with plain torch (Sigmoid + BCELoss), its named
+statistics, its snapshot of the state, and the private torch protocol its skipped steps rely on."""
 from __future__ import annotations
 
 import copy
@@ -9,7 +10,7 @@ from torch import nn
 
 from dcgan_dist.config import LossConfig
 from dcgan_dist.models import Discriminator, Generator
-from dcgan_dist.step import STAT_TAGS, GANStep
+from dcgan_dist.step import GANStep, gradients_nonfinite, step_unless
 
 
 # Adam's first updates are lr * sign(gradient); for elements whose gradient is at rounding level
@@ -88,16 +89,78 @@ def test_step_changes_both_networks_and_g_step_leaves_d_gradients_alone():
     assert set(out.grad_norms_g) >= {"total", "0"} and out.grad_norms_d["total"] > 0
 
 
-def test_stats_are_means_over_steps_and_reset():
+STEP_MEANS = {"loss/D", "loss/G", "D(x)", "D(G(z))/before_D_step", "D(G(z))/after_D_step",
+              "D/positive_logits_real", "D/positive_logits_fake"}
+
+
+def test_stats_are_named_means_over_steps_and_reset():
     step, *_ = make_step()
     step(random_batch(seed=1))
-    first = step.sums.clone()
+    first = step.stats.take()
     step(random_batch(seed=2))
-    second = step.sums - first
-    means = step.take_means()
-    assert means.shape == (len(STAT_TAGS),)
-    assert not torch.allclose(first, second)
-    torch.testing.assert_close(means, (first + second) / 2)
-    assert step.finite_steps == 0 and torch.count_nonzero(step.sums) == 0
-    probs = means[2:].tolist()
-    assert all(0.0 <= p <= 1.0 for p in probs)
+    second = step.stats.take()
+    both_step, *_ = make_step()  # the same two steps, taken together
+    both_step(random_batch(seed=1))
+    both_step(random_batch(seed=2))
+    both = both_step.stats.take()
+    assert set(both) == STEP_MEANS | {"train/nonfinite_steps"}  # no fp16 scaler: no amp/skipped_steps
+    for name in STEP_MEANS:
+        torch.testing.assert_close(both[name], (first[name] + second[name]) / 2, msg=name)
+        assert first[name] != second[name], name
+    assert both["train/nonfinite_steps"] == first["train/nonfinite_steps"] == 0
+    assert all(0.0 <= float(both[name]) <= 1.0 for name in STEP_MEANS - {"loss/D", "loss/G"})
+    # D(x) is what it says: recomputed from D's logits on the first batch with plain torch
+    check, *_ = make_step()
+    real_logits = check(random_batch(seed=1)).real_logits
+    torch.testing.assert_close(check.stats.take()["D(x)"], torch.sigmoid(real_logits).mean())
+    assert all(float(v) == 0.0 or torch.isnan(v) for v in both_step.stats.take().values())  # reset by take()
+
+
+def test_snapshot_and_restore_give_the_same_step_again():
+    step, *_ = make_step()
+    step(random_batch(seed=0))
+    before = step.snapshot()
+    live = {name: (t, t.data_ptr()) for name, t in step.state_tensors().items()}
+    assert any(name.endswith("/adam.exp_avg_sq") for name in live) and "stats/sums" in live
+    step(random_batch(seed=1))
+    once = step.snapshot()
+    step.restore(before)
+    assert all(torch.equal(t, before[name]) for name, t in step.state_tensors().items())
+    step(random_batch(seed=1))
+    again = step.snapshot()
+    assert once.keys() == again.keys() == before.keys()
+    assert all(torch.equal(once[k], again[k]) for k in once)  # weights, moments, sums and the noise state
+    assert not torch.equal(once["noise"], before["noise"])
+    # restored in place: the tensors a CUDA graph writes into are still the ones the step reads
+    assert all(t is step.state_tensors()[name] and t.data_ptr() == ptr for name, (t, ptr) in live.items())
+
+
+def test_gradients_nonfinite_sees_one_bad_element_and_no_overflow():
+    p, q = torch.nn.Parameter(torch.zeros(1000)), torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.Adam([p, q])
+    for bad, expected in ((float("nan"), 1.0), (float("inf"), 1.0), (-float("inf"), 1.0), (3e38, 0.0), (1.0, 0.0)):
+        p.grad, q.grad = torch.full((1000,), 1e30), torch.ones(3)
+        p.grad[517] = bad
+        assert float(gradients_nonfinite(opt)) == expected, bad
+
+
+def test_torch_private_skip_protocol():
+    """`step_unless` plants `found_inf` / `grad_scale` on a fused optimizer, as torch.amp.GradScaler does.
+    If this fails, torch changed that private protocol: step.py's skipped steps need a new way."""
+    def fused_adam_with_gradient():
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(64))
+        opt = torch.optim.Adam([p], lr=0.1, fused=True)
+        p.grad = torch.randn(64)
+        return p, opt
+
+    p, opt = fused_adam_with_gradient()
+    assert opt._step_supports_amp_scaling  # what GradScaler itself checks before planting the flags
+    before = p.detach().clone()
+    step_unless(opt, torch.ones(()))
+    assert torch.equal(p, before) and float(opt.state[p]["step"]) == 0  # skipped: no update, no step counted
+    assert not hasattr(opt, "found_inf") and not hasattr(opt, "grad_scale")
+    step_unless(opt, torch.zeros(()))
+    reference, ref_opt = fused_adam_with_gradient()
+    ref_opt.step()
+    assert torch.equal(p, reference) and float(opt.state[p]["step"]) == 1  # not skipped: a plain step

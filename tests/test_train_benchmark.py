@@ -56,7 +56,9 @@ def test_small_run_measures_every_case_at_both_batch_sizes(small_run):
         for case, what, _ in bench.TRAINER_KINDS.values():
             assert any(c == case and lab == what and b == batch for c, lab, b, _ in got)
     for r in report["rows"]:
-        assert r["img_per_s"] > 0 and r["ms_per_step"] == pytest.approx(1000 * r["batch"] / r["img_per_s"], rel=1e-3, abs=1e-3)
+        rounding = max(1e-3, 0.05 / r["img_per_s"])  # img/s is rounded to 0.1: at 35 img/s that is 0.14%
+        assert r["img_per_s"] > 0 and r["ms_per_step"] == pytest.approx(1000 * r["batch"] / r["img_per_s"],
+                                                                         rel=rounding, abs=1e-3)
         assert r["label"][:58] in stdout  # the printed table holds every row
     trainer_notes = [n for r in report["rows"] if r["case"].startswith("(c)") for n in r["notes"]]
     assert trainer_notes and all("eager steps (the device is cpu" in n for n in trainer_notes)

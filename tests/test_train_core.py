@@ -11,14 +11,17 @@ import yaml
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dcgan_dist.checkpoint import GENERATOR_EXPORT, checkpoint_dirs, latest_checkpoint, load_generator
+from dcgan_dist.checkpoint import (GENERATOR_EXPORT, checkpoint_dirs, latest_checkpoint, load_generator,
+                                   resume_or_start)
 from dcgan_dist.config import load_config
-from dcgan_dist.train import main, train
+from dcgan_dist.parallel import build_accelerator
+from dcgan_dist.stats import RunningStats
+from dcgan_dist.train import build_gan, main, train
 
 TINY = ["model.ngf=8", "model.ndf=8", "model.nz=16", "train.batch_size=8", "data.workers=1", "log.every=5",
         "log.images_every=10", "ckpt.every=10", "ckpt.keep=2"]
 SCALAR_TAGS = {"loss/D", "loss/G", "D(x)", "D(G(z))/before_D_step", "D(G(z))/after_D_step", "lr/G", "lr/D",
-               "perf/img_per_s", "D/positive_logits_real", "D/positive_logits_fake"}
+               "perf/img_per_s", "D/positive_logits_real", "D/positive_logits_fake", "train/nonfinite_steps"}
 
 
 def run(tmp: Path, folder: Path, *extra: str) -> dict:
@@ -37,6 +40,7 @@ def test_short_run_writes_every_documented_tag_and_a_checkpoint(tmp_path, image_
     ev = events(tmp_path)
     tags = ev.Tags()
     assert SCALAR_TAGS <= set(tags["scalars"])
+    assert not {"amp/skipped_steps", "amp/scale"} & set(tags["scalars"])  # fp16 only
     assert {"images/real", "images/fake_fixed_noise"} <= set(tags["images"])
     assert "config/text_summary" in tags["tensors"]
     assert [e.step for e in ev.Scalars("loss/D")] == [5, 10, 12]
@@ -55,6 +59,22 @@ def test_short_run_writes_every_documented_tag_and_a_checkpoint(tmp_path, image_
     ckpt_g = load_file(str(latest_checkpoint(tmp_path) / "G.safetensors"))
     for k, v in G.state_dict().items():
         assert torch.equal(v, ckpt_g[k])
+
+
+def test_a_statistic_reported_by_name_reaches_tensorboard_by_that_name(tmp_path, image_folder, monkeypatch):
+    end_step = RunningStats.end_step
+
+    def with_two_more(stats, counted):  # what adding a statistic to GANStep.__call__ amounts to
+        stats.report("test/quarter", torch.tensor(0.25))
+        stats.count("test/steps", torch.tensor(1.0))
+        end_step(stats, counted)
+
+    monkeypatch.setattr(RunningStats, "end_step", with_two_more)
+    run(tmp_path, image_folder, "train.max_steps=7")
+    ev = events(tmp_path)
+    assert [(e.step, e.value) for e in ev.Scalars("test/quarter")] == [(5, 0.25), (7, 0.25)]
+    assert [(e.step, e.value) for e in ev.Scalars("test/steps")] == [(5, 5.0), (7, 2.0)]  # a count per interval
+    assert SCALAR_TAGS <= set(ev.Tags()["scalars"])
 
 
 def test_resumed_run_ends_with_exactly_the_weights_of_an_uninterrupted_run(tmp_path, image_folder):
@@ -76,6 +96,29 @@ def test_resumed_run_ends_with_exactly_the_weights_of_an_uninterrupted_run(tmp_p
     assert torch.equal(sa["rng"], sb["rng"])
     # the TensorBoard curve continues: steps 5, 10 from the first run, 15, 20 from the resumed one
     assert [e.step for e in events(split).Scalars("loss/D")] == [5, 10, 15, 20]
+
+
+def test_resume_on_another_world_size_keeps_the_sample_position_and_takes_the_configs_learning_rates(
+        tmp_path, image_folder):
+    run(tmp_path, image_folder, "train.max_steps=5")
+    ckpt = latest_checkpoint(tmp_path)
+    blob = torch.load(ckpt / "state.pt", weights_only=True)
+    # as if written by 2 ranks of batch 4 after 3 batches of the epoch: 24 samples seen
+    blob.update(world_size=2, batch_size=4, batch_in_epoch=3, rng=torch.stack([blob["rng"][0]] * 2))
+    torch.save(blob, ckpt / "state.pt")
+    cfg = load_config(None, [*TINY, f"data.source={image_folder}", f"run.dir={tmp_path}"])
+    accelerator = build_accelerator(cfg)
+    gan_step = build_gan(cfg, accelerator)
+    state, resumed_from = resume_or_start(accelerator, tmp_path, gan_step, torch.zeros(1), batch_size=16,
+                                          learning_rates=(1e-3, 3e-3))
+    assert resumed_from == ckpt
+    assert (state.step, state.epoch, state.batch_in_epoch, state.world_size, state.batch_size) == (5, 0, 1, 1, 16)
+    assert [g["lr"] for g in gan_step.opt_g.param_groups] == [1e-3]  # the config's, not the saved 2e-4
+    assert [g["lr"] for g in gan_step.opt_d.param_groups] == [3e-3]
+    # 2 saved noise streams for 1 rank: a fresh stream, deterministic in (step, rank)
+    assert torch.equal(gan_step.noise.get_state(), torch.Generator().manual_seed(5 * 7919 + 0).get_state())
+    state, resumed_from = resume_or_start(accelerator, tmp_path / "new", gan_step, torch.zeros(1), 8, (2e-4, 2e-4))
+    assert resumed_from is None and (state.step, state.epoch, state.batch_in_epoch, state.world_size) == (0, 0, 0, 1)
 
 
 def test_fresh_start_is_explicit(tmp_path, image_folder):
@@ -141,3 +184,13 @@ def test_console_script_and_module_are_the_same_program(tmp_path):
         proc = subprocess.run([*argv, "train.epochs=0"], capture_output=True, text=True)
         assert proc.returncode == 2
         assert proc.stderr.strip() == "dcgan-train: error: config key 'train.epochs': got 0, expected a value > 0"
+
+
+def test_help_answers_without_loading_torch():
+    """`dcgan-train --help` must be instant: parsing the command line loads neither torch nor accelerate."""
+    probe = ("import sys; from dcgan_dist.train import main\n"
+             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('torch', 'accelerate') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: dcgan-train" in proc.stdout and proc.stdout.strip().endswith("[]")

@@ -4,7 +4,7 @@ Per check: G's and D's gradient norms (per layer and total, from the step's unsc
 G's norm relative to its early value, the diversity of generated samples beside that of real
 ones (mean pairwise MS-SSIM, and the spread in a fixed random feature space), mode coverage
 when the data has known modes, and the two alarms. D(x), D(G(z)) and the fraction of positive
-logits are the step's running means (`STAT_TAGS`) and are not logged again here.
+logits are the step's named statistics (stats.py) and are not logged again here.
 
 Samples come from a fixed z of their own and G in train mode (batch statistics, as D sees G's
 output in training); G's BatchNorm running statistics are restored afterwards, so a check
