@@ -21,6 +21,7 @@ from dcgan_dist.checkpoint import (CHECKPOINT_DIR, TrainingState, latest_checkpo
                                    save_checkpoint)
 from dcgan_dist.config import Config, ConfigError, config_to_yaml, load_config
 from dcgan_dist.data import BatchSource, make_batch_source
+from dcgan_dist.data.prepare import resolve_source
 from dcgan_dist.diagnostics import Diagnostics
 from dcgan_dist.fastpath import StepRunner, prepare_models
 from dcgan_dist.metrics import TB_DIR, RunLogger, reduce_mean
@@ -50,25 +51,6 @@ def reduced_scalars(accelerator: Accelerator, step_fn: GANStep, max_nonfinite: i
     if scale is None:  # without fp16 nothing is skipped for overflow
         del scalars["amp/skipped_steps"]
     return scalars, values[len(tags)] > 0
-
-
-def resolve_data_source(cfg: Config, accelerator: Accelerator) -> None:
-    """`data.source: synthetic` -> generate synthetic CelebA and its shards once (main process), then use them."""
-    if cfg.data.source != "synthetic":
-        return
-    from dcgan_dist.data.shards import MANIFEST_NAME, build_shards
-    from dcgan_dist.data.synth import write_synthetic_celeba
-
-    root = Path("shards") / f"synthetic-{cfg.data.synthetic_count}x{cfg.data.synthetic_modes}"
-    shards = root / "celeba64"
-    with accelerator.main_process_first():
-        if accelerator.is_main_process and not (shards / MANIFEST_NAME).is_file():
-            print(f"[dcgan-train] writing synthetic CelebA ({cfg.data.synthetic_count} images, "
-                  f"{cfg.data.synthetic_modes} modes) and its shards under {root}", flush=True)
-            source = write_synthetic_celeba(root / "celeba", cfg.data.synthetic_count, cfg.data.synthetic_modes,
-                                            seed=cfg.run.seed)
-            build_shards(source, shards)
-    cfg.data.source = str(shards)
 
 
 def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
@@ -110,7 +92,7 @@ def build_gan(cfg: Config, accelerator: Accelerator, lr_scale: float = 1) -> tup
 
 
 def run_training(cfg: Config, accelerator: Accelerator, stop: StopRequest) -> dict[str, float]:
-    resolve_data_source(cfg, accelerator)
+    cfg.data.source = resolve_source(cfg.data, cfg.run.seed, accelerator)
     run_dir = prepare_run_dir(cfg, accelerator)
     world = accelerator.num_processes
     source: BatchSource = make_batch_source(cfg.data, batch_size=cfg.train.batch_size,

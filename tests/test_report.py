@@ -11,8 +11,8 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from dcgan_dist.config import load_config
-from dcgan_dist.data.shards import build_shards
-from dcgan_dist.data.synth import write_synthetic_celeba
+from dcgan_dist.data.build.pack import build_shards
+from dcgan_dist.data.build.synth import write_synthetic_celeba
 from dcgan_dist.diagnostics import DIAGNOSTICS_JSON
 from dcgan_dist.report import main
 from dcgan_dist.train import train

@@ -3,20 +3,29 @@
 Every source (a folder of images, WebDataset shards) implements `BatchSource`. Batches are
 uint8 (N, 3, 64, 64) on the CPU; the trainer moves them to the device non-blocking and
 normalises them there, so workers never spend time on float conversion.
+
+The data's path, by when it runs:
+
+* build time, `build/` (the `dcgan-shards` CLI): `celeba` finds CelebA and parses its lists,
+  `synth` draws synthetic faces in CelebA's layout, `pack` resizes (`images.lab_resize`) and
+  encodes them into tar shards and writes `manifest.json`, `verify` re-reads the shards.
+* `manifest`: manifest.json, the one contract between the two sides.
+* read time: `prepare` resolves `data.source: synthetic` to built shards; `loader` runs the
+  epochs: `epochs` plans them, `shard_index` finds samples in a tar, `decode` makes pixels.
+  `images` reads a plain folder of images instead.
 """
 from __future__ import annotations
 
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Iterator, Protocol
 
 from dcgan_dist.config import ConfigError, DataConfig
+from dcgan_dist.data.manifest import is_shard_folder
 
-
-MANIFEST_NAME = "manifest.json"  # what makes a folder a shard folder (written by dcgan-shards build)
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -53,7 +62,7 @@ class BatchSource(Protocol):
 def make_batch_source(cfg: DataConfig, *, batch_size: int, rank: int, world_size: int, seed: int) -> BatchSource:
     """Pick the source for `data.source`: a shard folder (has manifest.json) or a folder of images."""
     path = Path(cfg.source)
-    if (path / MANIFEST_NAME).is_file():
+    if is_shard_folder(path):
         from dcgan_dist.data.loader import ShardBatchSource
 
         return ShardBatchSource(path, cfg, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed)
