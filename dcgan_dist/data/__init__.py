@@ -16,6 +16,8 @@ The data's path, by when it runs:
 """
 from __future__ import annotations
 
+import atexit
+import multiprocessing.util  # registers multiprocessing's exit handler before `_kill_loader_workers`, so it runs after
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,20 @@ def worker_ignores_sigterm(_worker_id: int) -> None:
     """DataLoader `worker_init_fn`: a scheduler that sends SIGTERM to every process of a job would kill
     the workers mid-batch; they leave with their parent instead, after it has checkpointed."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@atexit.register
+def _kill_loader_workers() -> None:
+    """Kill this process's daemonic children (loader workers) as it exits.
+
+    multiprocessing's own exit handler, which runs next, stops them with SIGTERM and then waits for
+    them; workers that ignore SIGTERM would make that wait endless whenever one outlives its loader,
+    e.g. when the traceback of an uncaught exception still holds the loader.
+    """
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report these deaths as a loader failure
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
 class BatchSource(Protocol):
