@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
@@ -31,8 +31,8 @@ from torchvision.io import ImageReadMode, decode_image
 
 from dcgan_dist.config import DataConfig
 from dcgan_dist.data.loader import ShardBatchSource
-from dcgan_dist.data.shards import build_shards
-from dcgan_dist.data.synth import write_synthetic_celeba
+from dcgan_dist.data.build.pack import build_shards
+from dcgan_dist.data.build.synth import write_synthetic_celeba
 
 FORMATS = ("png", "jpg", "npy")
 BATCH = 128

@@ -20,7 +20,7 @@ from PIL import Image
 
 from dcgan_dist.config import DiagConfig, LossConfig
 from dcgan_dist.data.images import lab_transform, list_images
-from dcgan_dist.data.synth import write_synthetic_celeba
+from dcgan_dist.data.build.synth import write_synthetic_celeba
 from dcgan_dist.diagnostics import Diagnostics, RealReference
 from dcgan_dist.diagnostics.similarity import feature_spread, mean_ms_ssim
 from dcgan_dist.models import Discriminator, Generator

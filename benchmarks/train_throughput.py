@@ -56,8 +56,8 @@ from torch.utils.data import DataLoader, Dataset
 from dcgan_dist.config import Config, DataConfig, load_config
 from dcgan_dist.data.images import lab_transform, list_images
 from dcgan_dist.data.loader import ShardBatchSource, read_samples
-from dcgan_dist.data.shards import build_shards
-from dcgan_dist.data.synth import write_synthetic_celeba
+from dcgan_dist.data.build.pack import build_shards
+from dcgan_dist.data.build.synth import write_synthetic_celeba
 from dcgan_dist.fastpath import StepRunner
 from dcgan_dist.models import Discriminator, Generator
 from dcgan_dist.parallel import build_accelerator

@@ -36,23 +36,6 @@ class NonFiniteError(RuntimeError):
     """`train.max_nonfinite` consecutive steps had a non-finite loss or gradient."""
 
 
-def resolve_data_source(cfg: Config, accelerator: Accelerator) -> None:
-    """`data.source: synthetic` -> generate synthetic CelebA and its shards once (main process), then use them."""
-    if cfg.data.source != "synthetic":
-        return
-    from dcgan_dist.data.shards import MANIFEST_NAME, build_shards
-    from dcgan_dist.data.synth import write_synthetic_celeba
-
-    root = Path("shards") / f"synthetic-{cfg.data.synthetic_count}x{cfg.data.synthetic_modes}"
-    shards = root / "celeba64"
-    with accelerator.main_process_first():
-        if accelerator.is_main_process and not (shards / MANIFEST_NAME).is_file():
-            print(f"[dcgan-train] writing synthetic CelebA ({cfg.data.synthetic_count} images, "
-                  f"{cfg.data.synthetic_modes} modes) and its shards under {root}", flush=True)
-            source = write_synthetic_celeba(root / "celeba", cfg.data.synthetic_count, cfg.data.synthetic_modes,
-                                            seed=cfg.run.seed)
-            build_shards(source, shards)
-    cfg.data.source = str(shards)
 
 
 def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
@@ -126,12 +109,13 @@ def run_training(cfg: Config, accelerator: Accelerator, stop: StopRequest) -> di
     """
     from dcgan_dist.checkpoint import resume_or_start
     from dcgan_dist.data import make_batch_source
+    from dcgan_dist.data.prepare import resolve_source
     from dcgan_dist.diagnostics import Diagnostics
     from dcgan_dist.fastpath import StepRunner
     from dcgan_dist.metrics import RunLogger
 
     # --- data and the run folder
-    resolve_data_source(cfg, accelerator)
+    cfg.data.source = resolve_source(cfg.data, cfg.run.seed, accelerator)
     run_dir = prepare_run_dir(cfg, accelerator)
     world = accelerator.num_processes
     source = make_batch_source(cfg.data, batch_size=cfg.train.batch_size, rank=accelerator.process_index,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from dcgan_dist.data.shards import build_shards
-from dcgan_dist.data.synth import write_synthetic_celeba
+from dcgan_dist.data.build.pack import build_shards
+from dcgan_dist.data.build.synth import write_synthetic_celeba
 
 REPO = Path(__file__).resolve().parents[1]
 # tiny models and batches: every multi-process test stays within seconds per launch on 2 cores

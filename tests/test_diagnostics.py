@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dcgan_dist.config import ConfigError, DiagConfig, load_config
-from dcgan_dist.data.synth import write_synthetic_celeba
+from dcgan_dist.data.build.synth import write_synthetic_celeba
 from dcgan_dist.diagnostics import DIAGNOSTICS_JSON, Diagnostics, RealReference
 from dcgan_dist.diagnostics.alarms import (MODE_COLLAPSE, VANISHING_GRADIENTS, Alarm, collapse_condition,
                                            vanishing_condition)

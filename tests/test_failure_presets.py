@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from dcgan_dist.config import load_config
-from dcgan_dist.data.shards import build_shards
-from dcgan_dist.data.synth import write_synthetic_celeba
+from dcgan_dist.data.build.pack import build_shards
+from dcgan_dist.data.build.synth import write_synthetic_celeba
 from dcgan_dist.diagnostics import DIAGNOSTICS_JSON
 from dcgan_dist.diagnostics.alarms import MODE_COLLAPSE, VANISHING_GRADIENTS
 from dcgan_dist.train import train

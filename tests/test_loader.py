@@ -17,8 +17,10 @@ import webdataset as wds
 from PIL import Image
 
 from dcgan_dist.config import ConfigError, DataConfig
-from dcgan_dist.data import loader, make_batch_source
-from dcgan_dist.data.loader import ShardBatchSource, buffer_shuffle_order, index_shard, read_samples
+from dcgan_dist.data import loader, make_batch_source, shard_index
+from dcgan_dist.data.epochs import buffer_shuffle_order
+from dcgan_dist.data.loader import ShardBatchSource, read_samples
+from dcgan_dist.data.shard_index import index_shard
 from shard_fixtures import label, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -251,7 +253,7 @@ def test_tar_reading_matches_webdataset(tmp_path, tar_format, monkeypatch):
         manifest = json.loads((tmp_path / "manifest.json").read_text())
         manifest["splits"]["train"]["shards"][0]["bytes"] = path.stat().st_size
         (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-        assert loader._ustar_members(path.read_bytes()) is None
+        assert shard_index._ustar_members(path.read_bytes()) is None
     shard = tmp_path / "celeba64-train-000000.tar"
     ours = index_shard(shard, "png")
     theirs = list(wds.WebDataset(str(shard), shardshuffle=False))
@@ -262,8 +264,8 @@ def test_tar_reading_matches_webdataset(tmp_path, tar_format, monkeypatch):
 
 def test_builder_shards_through_make_batch_source(tmp_path):
     """Shards from `dcgan-shards` (synthetic CelebA): the trainer's data.source accepts the folder."""
-    from dcgan_dist.data.shards import build_shards
-    from dcgan_dist.data.synth import write_synthetic_celeba
+    from dcgan_dist.data.build.pack import build_shards
+    from dcgan_dist.data.build.synth import write_synthetic_celeba
 
     raw = write_synthetic_celeba(tmp_path / "celeba", 60, modes=3, seed=1)
     build_shards(raw, tmp_path / "shards", fmt="npy", shard_size=16, workers=1)

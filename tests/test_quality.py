@@ -266,7 +266,7 @@ def network() -> Path:
 @pytest.fixture(scope="module")
 def faces(tmp_path_factory) -> Path:
     """Shards of 48 real faces: 24 train, 24 valid."""
-    from dcgan_dist.data.shards import build_shards
+    from dcgan_dist.data.build.pack import build_shards
 
     folder = tmp_path_factory.mktemp("faces")
     for i in range(1, FACES + 1):

@@ -17,8 +17,8 @@ from tensorboard.backend.event_processing.event_file_loader import LegacyEventFi
 from torch import nn
 
 from dcgan_dist.config import load_config
-from dcgan_dist.data.shards import build_shards
-from dcgan_dist.data.synth import write_synthetic_celeba
+from dcgan_dist.data.build.pack import build_shards
+from dcgan_dist.data.build.synth import write_synthetic_celeba
 from dcgan_dist.diagnostics import DIAGNOSTICS_JSON
 from dcgan_dist.diagnostics.alarms import MODE_COLLAPSE
 from dcgan_dist.models import Discriminator, Generator

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import subprocess
+import sys
 import tarfile
 import zipfile
 from collections import defaultdict
@@ -17,8 +19,12 @@ from PIL import Image
 from torchvision import transforms
 
 from conftest import shared_path
-from dcgan_dist.data.shards import MANIFEST_NAME, ShardError, build_shards, main, verify_shards
-from dcgan_dist.data.synth import write_synthetic_celeba
+from dcgan_dist.data.build import ShardError
+from dcgan_dist.data.build.cli import main
+from dcgan_dist.data.build.pack import build_shards
+from dcgan_dist.data.build.synth import write_synthetic_celeba
+from dcgan_dist.data.build.verify import verify_shards
+from dcgan_dist.data.manifest import MANIFEST_NAME
 
 COUNT = 150
 LISTS = ("list_eval_partition.txt", "list_attr_celeba.txt", "identity_CelebA.txt",
@@ -264,6 +270,28 @@ def test_verify_catches_a_flipped_byte_and_a_truncated_tar(built, tmp_path, caps
     assert "celeba64-train-000001.tar: sha256" in capsys.readouterr().out
     assert main(["verify", str(tmp_path)]) == 2  # no manifest
     assert capsys.readouterr().err.startswith(f"dcgan-shards: error: {tmp_path / MANIFEST_NAME}: expected a shard manifest")
+
+
+HELP_WITHOUT_TORCH = """
+import sys
+from dcgan_dist.data.build.cli import main
+for argv in (["--help"], ["build", "--help"], ["verify", "--help"], ["synth", "--help"], ["build"]):
+    try:
+        main(argv)
+    except SystemExit:
+        pass
+print(sorted(m for m in ("torch", "torchvision", "webdataset", "PIL", "numpy") if m in sys.modules))
+"""
+
+
+def test_help_and_argument_errors_come_before_the_heavy_imports(tmp_path):
+    """`dcgan-shards --help` answers without importing torch (seconds on a cold start)."""
+    done = subprocess.run([sys.executable, "-c", HELP_WITHOUT_TORCH], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert "usage: dcgan-shards build" in done.stdout and "--format {png,jpg,raw}" in done.stdout
+    assert "the following arguments are required: --source" in done.stderr
 
 
 # ----------------------------------------------------------------------------------------------- bad input

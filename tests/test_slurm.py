@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dcgan_dist.data.synth import write_synthetic_celeba
+from dcgan_dist.data.build.synth import write_synthetic_celeba
 from dist_helpers import REPO, TINY, expected_noise_state, free_port
 
 CLUSTER = REPO / "launch" / "slurm" / "local_cluster.sh"

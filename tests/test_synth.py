@@ -13,8 +13,10 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from dcgan_dist.data.shards import main
-from dcgan_dist.data.synth import write_synthetic_celeba
+from dcgan_dist.config import DataConfig
+from dcgan_dist.data.build.cli import main
+from dcgan_dist.data.build.synth import write_synthetic_celeba
+from dcgan_dist.data.prepare import resolve_source
 
 COUNT, MODES = 400, 8
 
@@ -125,3 +127,21 @@ def test_cli_synth_and_bad_arguments(tmp_path, capsys):
     with pytest.raises(ValueError, match="modes: got 0"):
         write_synthetic_celeba(tmp_path / "u", 5, modes=0)
     assert np.asarray(Image.open(tmp_path / "s/img_align_celeba/000001.jpg")).std() > 10  # a drawing, not a blank
+
+
+def test_data_source_synthetic_is_built_once_under_shards_then_reused(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    monkeypatch.chdir(tmp_path)
+    accelerator = Accelerator(cpu=True)
+    data = DataConfig(source="synthetic", synthetic_count=30, synthetic_modes=3)
+    source = resolve_source(data, 5, accelerator)
+    assert source == str(Path("shards/synthetic-30x3/celeba64"))
+    meta = json.loads(Path("shards/synthetic-30x3/celeba/synth.json").read_text())
+    assert (meta["count"], meta["modes"], meta["seed"]) == (30, 3, 5)
+    manifest = json.loads((Path(source) / "manifest.json").read_text())
+    assert manifest["source"]["synthetic"] == meta and manifest["totals"]["samples"] == 30
+    written = (Path(source) / "manifest.json").stat().st_mtime_ns
+    assert resolve_source(data, 5, accelerator) == source
+    assert (Path(source) / "manifest.json").stat().st_mtime_ns == written  # not rebuilt
+    assert resolve_source(DataConfig(source="/data/shards"), 5, accelerator) == "/data/shards"

@@ -3,20 +3,31 @@
 Every source (a folder of images, WebDataset shards) implements `BatchSource`. Batches are
 uint8 (N, 3, 64, 64) on the CPU; the trainer moves them to the device non-blocking and
 normalises them there, so workers never spend time on float conversion.
+
+The data's path, by when it runs:
+
+* build time, `build/` (the `dcgan-shards` CLI): `celeba` finds CelebA and parses its lists,
+  `synth` draws synthetic faces in CelebA's layout, `pack` resizes (`images.lab_resize`) and
+  encodes them into tar shards and writes `manifest.json`, `verify` re-reads the shards.
+* `manifest`: manifest.json, the one contract between the two sides.
+* read time: `prepare` resolves `data.source: synthetic` to built shards; `loader` runs the
+  epochs: `epochs` plans them, `shard_index` finds samples in a tar, `decode` makes pixels.
+  `images` reads a plain folder of images instead.
 """
 from __future__ import annotations
 
+import atexit
+import multiprocessing.util  # registers multiprocessing's exit handler before `_kill_loader_workers`, so it runs after
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Iterator, Protocol
 
 from dcgan_dist.config import ConfigError, DataConfig
+from dcgan_dist.data.manifest import is_shard_folder
 
-
-MANIFEST_NAME = "manifest.json"  # what makes a folder a shard folder (written by dcgan-shards build)
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -29,6 +40,20 @@ def worker_ignores_sigterm(_worker_id: int) -> None:
     """DataLoader `worker_init_fn`: a scheduler that sends SIGTERM to every process of a job would kill
     the workers mid-batch; they leave with their parent instead, after it has checkpointed."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@atexit.register
+def _kill_loader_workers() -> None:
+    """Kill this process's daemonic children (loader workers) as it exits.
+
+    multiprocessing's own exit handler, which runs next, stops them with SIGTERM and then waits for
+    them; workers that ignore SIGTERM would make that wait endless whenever one outlives its loader,
+    e.g. when the traceback of an uncaught exception still holds the loader.
+    """
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report these deaths as a loader failure
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
 class BatchSource(Protocol):
@@ -53,7 +78,7 @@ class BatchSource(Protocol):
 def make_batch_source(cfg: DataConfig, *, batch_size: int, rank: int, world_size: int, seed: int) -> BatchSource:
     """Pick the source for `data.source`: a shard folder (has manifest.json) or a folder of images."""
     path = Path(cfg.source)
-    if (path / MANIFEST_NAME).is_file():
+    if is_shard_folder(path):
         from dcgan_dist.data.loader import ShardBatchSource
 
         return ShardBatchSource(path, cfg, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed)

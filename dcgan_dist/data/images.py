@@ -1,34 +1,42 @@
 """A folder of images (any nesting) read with torchvision, the lab's original input path."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms
+from torchvision.transforms import functional
 
 from dcgan_dist.config import ConfigError, DataConfig
 from dcgan_dist.data import Batch, worker_ignores_sigterm
+from dcgan_dist.data.epochs import epoch_permutation
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
 
 
+def lab_resize(image: Image.Image, size: int) -> Image.Image:
+    """The lab's Resize(size) + CenterCrop(size): shorter side to `size` (PIL bilinear, antialiased), centre square.
+
+    The shard builder applies it once per image; the image-folder reader every epoch.
+    """
+    return functional.center_crop(functional.resize(image, size), size)
+
+
 def lab_transform(size: int = 64) -> Callable[[Image.Image], torch.Tensor]:
-    """The lab's Resize(size) + CenterCrop(size), as uint8 CHW; scaling to [-1, 1] happens on the device."""
-    return transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.PILToTensor()])
+    """`lab_resize` as uint8 CHW; scaling to [-1, 1] happens on the device."""
+    return functools.partial(_lab_tensor, size=size)
+
+
+def _lab_tensor(image: Image.Image, size: int) -> torch.Tensor:
+    return functional.pil_to_tensor(lab_resize(image, size))
 
 
 def list_images(root: Path) -> list[Path]:
     """Every image file below `root`, in a sorted (reproducible) order."""
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-
-
-def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The sample order of one epoch: a function of (seed, epoch) only, the same on every rank."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g)
 
 
 class _Files(Dataset):

@@ -24,6 +24,7 @@ from torch import nn
 from dcgan_dist.config import Config, DataConfig, DiagConfig
 from dcgan_dist.data import BatchSource
 from dcgan_dist.diagnostics import DIAGNOSTICS_JSON
+from dcgan_dist.data.manifest import is_shard_folder, synthetic_modes
 from dcgan_dist.diagnostics.alarms import (MODE_COLLAPSE, VANISHING_GRADIENTS, Alarm, collapse_condition,
                                            vanishing_condition)
 from dcgan_dist.diagnostics.coverage import ModeClassifier, modes_present
@@ -48,17 +49,14 @@ class RealReference:
 
 def real_reference(data: DataConfig, source: BatchSource, count: int) -> RealReference:
     """`count` real samples: from the shards with `read_samples` (with modes for synthetic data), else the first batches."""
-    from dcgan_dist.data.shards import MANIFEST_NAME
-
     path = Path(data.source)
-    if (path / MANIFEST_NAME).is_file():
+    if is_shard_folder(path):
         from dcgan_dist.data.loader import read_samples
 
         images, metas = read_samples(path, data.split, limit=count)
-        manifest = json.loads((path / MANIFEST_NAME).read_text())
-        modes = (manifest.get("source") or {}).get("synthetic", {}).get("modes")
+        modes = synthetic_modes(path)
         if modes:
-            return RealReference(images, torch.tensor([int(m["identity"]) for m in metas]), int(modes))
+            return RealReference(images, torch.tensor([int(m["identity"]) for m in metas]), modes)
         return RealReference(images)
     chunks, have = [], 0
     for batch in source.batches(0):

@@ -1,20 +1,18 @@
-"""`dcgan-shards`: CelebA (or any folder of images) to preprocessed WebDataset tar shards.
+"""`dcgan-shards build`: CelebA (or any folder of images) to preprocessed WebDataset tar shards.
 
-Preprocessing (the lab's Resize + CenterCrop) happens once, here, so training only decodes
-64x64 samples. Builds are parallel, deterministic (byte-identical tars for the same input and
+Preprocessing (the lab's Resize + CenterCrop, `images.lab_resize`) happens once, here, so training
+only decodes 64x64 samples. Builds are parallel, deterministic (byte-identical tars for the same input and
 options) and resumable: each shard is written under a temporary name and renamed when
 complete, a journal records finished shards so an interrupted build picks up where it
 stopped, and manifest.json is written last, so it never describes tars that are not there.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
 import os
 import re
-import sys
 import tarfile
 import time
 from collections import Counter
@@ -23,17 +21,17 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import functional
 
 import dcgan_dist
-from dcgan_dist.data import MANIFEST_NAME
-from dcgan_dist.data.celeba import (
-    SPLITS, CelebaLists, CelebaSource, ShardError, find_source, gc_paused, list_entries, open_reader, ordered_map,
-    process_pool,
-    read_lists,
-)
-from dcgan_dist.data.synth import SYNTH_JSON, write_synthetic_celeba
-
-__all__ = ["MANIFEST_NAME", "ShardError", "build_shards", "verify_shards", "main"]
+from dcgan_dist.data.build import ShardError
+from dcgan_dist.data.build.celeba import (SPLITS, CelebaLists, CelebaSource, find_source, gc_paused, list_entries,
+                                          open_reader, read_lists)
+from dcgan_dist.data.build.synth import SYNTH_JSON
+from dcgan_dist.data.build.workers import default_workers, ordered_map, process_pool
+from dcgan_dist.data.images import lab_resize
+from dcgan_dist.data.manifest import MANIFEST_NAME, load_manifest, write_manifest
+from dcgan_dist.fileio import atomic_write, fsync_dir
 
 JOURNAL_NAME = ".dcgan-shards-journal.jsonl"  # finished shards of a build in progress
 SHARD_NAME = re.compile(r"celeba64-(train|valid|test)-\d{6}\.tar")
@@ -113,7 +111,7 @@ def _plan_hash(settings: dict, samples: list[Sample]) -> str:
     return h.hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -125,7 +123,7 @@ def _previous_shards(out: Path) -> dict[str, dict]:
     """Finished shards of earlier builds into `out` (the manifest, then the journal), by name, with their skips."""
     found: dict[str, dict] = {}
     try:
-        manifest = json.loads((out / MANIFEST_NAME).read_text())
+        manifest = load_manifest(out)
         for split in manifest["splits"].values():
             for entry in split["shards"]:
                 found[entry["name"]] = {**entry, "skipped": manifest.get("skipped", [])}
@@ -145,22 +143,10 @@ def _previous_shards(out: Path) -> dict[str, dict]:
 _worker: dict = {}
 
 
-def _lab_geometry(size: int):
-    """`lab_transform`'s Resize + CenterCrop without its final PILToTensor: the encoders want the PIL image."""
-    from torchvision import transforms
-
-    from dcgan_dist.data.images import lab_transform
-
-    steps = lab_transform(size).transforms
-    if not isinstance(steps[-1], transforms.PILToTensor):
-        raise RuntimeError("lab_transform changed shape: expected it to end with PILToTensor")
-    return transforms.Compose(steps[:-1])
-
-
 def _init_worker(images: Path, size: int, ext: str, crop: bool, fast_decode: bool,
                  attribute_names: list[str] | None) -> None:
-    _worker.update(read=open_reader(images), geometry=_lab_geometry(size), size=size, ext=ext, crop=crop,
-                   fast_decode=fast_decode, attribute_names=attribute_names)
+    _worker.update(read=open_reader(images), size=size, ext=ext, crop=crop, fast_decode=fast_decode,
+                   attribute_names=attribute_names)
 
 
 def _tar_member(name: str, data: bytes) -> bytes:
@@ -198,11 +184,9 @@ def _encode_sample(sample: Sample) -> bytes | str:
     if isinstance(image, str):
         return image
     if w["crop"]:
-        from torchvision.transforms import functional
-
         side = round(FACE_CROP_FRACTION * min(image.size))
         image = functional.center_crop(image, [side, side])
-    image = w["geometry"](image)
+    image = lab_resize(image, w["size"])
     buf = io.BytesIO()
     if w["ext"] == "npy":
         np.save(buf, np.ascontiguousarray(np.asarray(image, dtype=np.uint8)), allow_pickle=False)
@@ -226,7 +210,8 @@ def _encode_chunk(task: tuple[str, int, list[Sample]]) -> tuple[str, int, list[b
 # ------------------------------------------------------------------------------------------ writing
 
 class _ShardFile:
-    """A tar being written under a temporary name; `finish` completes and renames it, `abort` removes it."""
+    """A tar being written under a temporary name; `finish` completes it and renames it into place durably,
+    `abort` removes it. (`fileio.atomic_path` wants one `with` block; a shard spans many `add` calls.)"""
 
     def __init__(self, path: Path):
         self.path, self.tmp = path, path.with_name(path.name + ".tmp")
@@ -245,6 +230,7 @@ class _ShardFile:
         os.fsync(self.file.fileno())
         self.file.close()
         os.replace(self.tmp, self.path)
+        fsync_dir(self.path.parent)
         return {"name": self.path.name, "samples": self.samples, "bytes": self.bytes, "sha256": self.sha.hexdigest()}
 
     def abort(self) -> None:
@@ -307,7 +293,7 @@ def _reusable_prefix(out: Path, split: str, samples: list[Sample], settings: dic
             begin, end = old["inputs"]
             path = out / old["name"]
             ok = (begin == start and end > start and old["plan"] == _plan_hash(settings, samples[start:end])
-                  and path.is_file() and path.stat().st_size == old["bytes"] and _file_sha256(path) == old["sha256"])
+                  and path.is_file() and path.stat().st_size == old["bytes"] and file_sha256(path) == old["sha256"])
         except (TypeError, KeyError, ValueError):
             ok = False
         if not ok:
@@ -316,16 +302,6 @@ def _reusable_prefix(out: Path, split: str, samples: list[Sample], settings: dic
         entries.append({**{k: old[k] for k in SHARD_FIELDS}, "skipped": [s for s in old["skipped"] if s["file"] in files]})
         start = end
     return entries, start
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _default_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _run_workers(tasks: list, writers: dict[str, _SplitWriter], *, workers: int, initargs: tuple, strict: bool,
@@ -362,7 +338,7 @@ def build_shards(source: Path, out: Path, *, size: int = 64, fmt: str = "png", s
             raise ShardError(f"{name}: got {value}, expected at least 1")
     if not 0.0 <= valid_fraction < 1.0:
         raise ShardError(f"valid_fraction: got {valid_fraction}, expected a value in [0, 1)")
-    ext, workers = FORMATS[fmt], workers or _default_workers()
+    ext, workers = FORMATS[fmt], workers or default_workers()
     started = time.perf_counter()
     src = find_source(Path(source))
     lists = read_lists(src.lists_dir)
@@ -372,7 +348,7 @@ def build_shards(source: Path, out: Path, *, size: int = 64, fmt: str = "png", s
     if strict and skipped:
         raise ShardError(f"{skipped[0]['file']}: {skipped[0]['reason']} (--strict makes skipped inputs fatal)")
     preprocessing = {
-        "transform": f"Resize({size}) + CenterCrop({size}) (dcgan_dist.data.images.lab_transform, PIL bilinear)",
+        "transform": f"Resize({size}) + CenterCrop({size}) (dcgan_dist.data.images.lab_resize, PIL bilinear)",
         "face_crop": f"centred square of side round({FACE_CROP_FRACTION:.4f} x shorter side), first" if crop else None,
         "decode": "JPEG draft (reduced DCT scale, not pixel-identical)" if fast_decode else "full resolution",
         "encoding": {"png": PNG_OPTIONS, "jpg": JPG_OPTIONS, "npy": "np.save of uint8 (size, size, 3)"}[ext],
@@ -385,22 +361,22 @@ def build_shards(source: Path, out: Path, *, size: int = 64, fmt: str = "png", s
     for stale in out.glob("*.tmp"):  # from a killed build
         if SHARD_NAME.fullmatch(stale.name[:-4]) or stale.name in (MANIFEST_NAME + ".tmp", JOURNAL_NAME + ".tmp"):
             stale.unlink()
-    shards, writers, tasks = {}, {}, []
-    with open(out / (JOURNAL_NAME + ".tmp"), "w") as journal:  # the shards kept from before, then new ones
-        for split in SPLITS:
-            samples = by_split[split]
-            shards[split], start = _reusable_prefix(out, split, samples, settings, previous, src.display)
-            journal.writelines(json.dumps(entry) + "\n" for entry in shards[split])
-            writers[split] = _SplitWriter(out, split, samples, settings, journal, shard_size=shard_size,
-                                          start=start, index=len(shards[split]), display=src.display)
-            tasks += [(split, p, samples[p:p + CHUNK]) for p in range(start, len(samples), CHUNK)]
-        journal.flush()
-        os.replace(out / (JOURNAL_NAME + ".tmp"), out / JOURNAL_NAME)
-        (out / MANIFEST_NAME).unlink(missing_ok=True)  # from here on the tars may change
-        kept = sum(len(entries) for entries in shards.values())
-        if kept:
-            log(f"kept {kept} complete shards from an earlier build of the same input and options")
-        todo = sum(len(t[2]) for t in tasks)
+    shards, starts = {}, {}
+    for split in SPLITS:
+        shards[split], starts[split] = _reusable_prefix(out, split, by_split[split], settings, previous, src.display)
+    # The journal: the shards kept from before, then each new one as it is finished.
+    atomic_write(out / JOURNAL_NAME, "".join(json.dumps(entry) + "\n" for entries in shards.values() for entry in entries))
+    (out / MANIFEST_NAME).unlink(missing_ok=True)  # from here on the tars may change
+    kept = sum(len(entries) for entries in shards.values())
+    if kept:
+        log(f"kept {kept} complete shards from an earlier build of the same input and options")
+    tasks = [(split, p, by_split[split][p:p + CHUNK]) for split in SPLITS
+             for p in range(starts[split], len(by_split[split]), CHUNK)]
+    todo = sum(len(t[2]) for t in tasks)
+    with open(out / JOURNAL_NAME, "a") as journal:
+        writers = {split: _SplitWriter(out, split, by_split[split], settings, journal, shard_size=shard_size,
+                                       start=starts[split], index=len(shards[split]), display=src.display)
+                   for split in SPLITS}
         try:
             if tasks:
                 log(f"{todo:,} images from {src.path} ({src.layout}) with {workers} workers")
@@ -419,7 +395,7 @@ def build_shards(source: Path, out: Path, *, size: int = 64, fmt: str = "png", s
     for path in out.iterdir():
         if SHARD_NAME.fullmatch(path.name) and path.name not in names:
             path.unlink()  # left by an earlier build with more shards
-    _write_atomic(out / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
+    write_manifest(out, manifest)
     (out / JOURNAL_NAME).unlink()
     _log_summary(log, manifest, out, todo, time.perf_counter() - started)
     return manifest
@@ -454,162 +430,3 @@ def _log_summary(log: Callable[[str], None], manifest: dict, out: Path, encoded:
         reasons = Counter(s["reason"].split(" (")[0] for s in manifest["skipped"])
         log(f"skipped {len(manifest['skipped'])} inputs: " + ", ".join(f"{n} {r}" for r, n in reasons.most_common())
             + f" (each named in {out / MANIFEST_NAME})")
-
-
-# ------------------------------------------------------------------------------------------ verify
-
-def _check_image(data: bytes, ext: str, size: int) -> str | None:
-    """Why an image member is bad, or None."""
-    try:
-        if ext == "npy":
-            array = np.load(io.BytesIO(data), allow_pickle=False)
-        else:
-            with Image.open(io.BytesIO(data)) as im:
-                if im.mode != "RGB":
-                    return f"is {im.mode}, expected RGB"
-                array = np.asarray(im)
-    except Exception as e:  # any decoder failure is a finding, not a crash
-        return f"does not decode ({type(e).__name__}: {e})"
-    if array.shape != (size, size, 3) or array.dtype != np.uint8:
-        return f"is {array.shape} {array.dtype}, expected ({size}, {size}, 3) uint8"
-    return None
-
-
-def _check_shard(task: tuple[Path, str, dict, str, int]) -> list[str]:
-    """Every mismatch between one shard file and its manifest entry."""
-    path, split, entry, ext, size = task
-    name = entry["name"]
-    if not path.is_file():
-        return [f"{name}: missing"]
-    problems = []
-    if path.stat().st_size != entry["bytes"]:
-        problems.append(f"{name}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
-    elif _file_sha256(path) != entry["sha256"]:
-        problems.append(f"{name}: sha256 differs from the manifest's")
-    members: dict[str, dict[str, bytes]] = {}
-    try:
-        with tarfile.open(path, "r:") as tar:
-            for info in tar:
-                key, _, member_ext = info.name.partition(".")
-                members.setdefault(key, {})[member_ext] = tar.extractfile(info).read() if info.isfile() else b""
-    except (tarfile.TarError, OSError, EOFError) as e:
-        problems.append(f"{name}: unreadable tar ({type(e).__name__}: {e})")
-    for key, parts in members.items():
-        if sorted(parts) != sorted(["json", ext]):
-            problems.append(f"{name}: sample '{key}' has members {sorted(parts)}, expected {sorted(['json', ext])}")
-            continue
-        bad = _check_image(parts[ext], ext, size)
-        if bad:
-            problems.append(f"{name}: {key}.{ext} {bad}")
-        try:
-            label = json.loads(parts["json"])
-            if label.get("id") != key or label.get("split") != split:
-                raise ValueError(f"id {label.get('id')!r}, split {label.get('split')!r}")
-        except (ValueError, AttributeError) as e:
-            problems.append(f"{name}: {key}.json is not this sample's label ({e}), expected id {key!r}, split {split!r}")
-    if len(members) != entry["samples"]:
-        problems.append(f"{name}: {len(members)} samples read, manifest says {entry['samples']}")
-    return problems
-
-
-def verify_shards(out: Path, workers: int | None = None) -> list[str]:
-    """Re-read every shard in `out` against manifest.json; returns the mismatches (empty: all good).
-
-    Checks sizes and sha256, that every sample has its json and image, that every image decodes
-    to (size, size, 3) uint8, the per-shard and total counts, and that no stray shards lie beside.
-    """
-    out = Path(out)
-    try:
-        manifest = json.loads((out / MANIFEST_NAME).read_text())
-        ext, size, splits = manifest["format"], manifest["size"], manifest["splits"]
-        tasks = [(out / e["name"], split, e, ext, size) for split in SPLITS for e in splits[split]["shards"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ShardError(f"{out / MANIFEST_NAME}: expected a shard manifest written by dcgan-shards build "
-                         f"({type(e).__name__}: {e})") from None
-    problems = []
-    processes = max(1, min(workers or _default_workers(), len(tasks)))
-    with process_pool(processes) as pool:
-        for found in ordered_map(pool, _check_shard, tasks, 2 * processes):
-            problems += found
-    for split in SPLITS:
-        listed = sum(e["samples"] for e in splits[split]["shards"])
-        if listed != splits[split]["samples"]:
-            problems.append(f"manifest: {split} says {splits[split]['samples']} samples, its shards list {listed}")
-    totals = {"samples": sum(t[2]["samples"] for t in tasks), "bytes": sum(t[2]["bytes"] for t in tasks)}
-    for key, value in totals.items():
-        if manifest.get("totals", {}).get(key) != value:
-            problems.append(f"manifest: totals.{key} is {manifest.get('totals', {}).get(key)}, its shards sum to {value}")
-    names = {t[0].name for t in tasks}
-    problems += [f"{p.name}: not in the manifest (a stray or temporary file)" for p in sorted(out.iterdir())
-                 if (SHARD_NAME.fullmatch(p.name) and p.name not in names) or p.name.endswith(".tar.tmp")]
-    return problems
-
-
-# --------------------------------------------------------------------------------------------- CLI
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dcgan-shards", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    build = commands.add_parser("build", help="build shards from CelebA or a folder of images")
-    build.add_argument("--source", required=True, type=Path,
-                       help="CelebA release folder, torchvision ROOT, img_align_celeba.zip, or a folder of images")
-    build.add_argument("--out", type=Path, default=Path("shards/celeba64"), help="output folder (default %(default)s)")
-    build.add_argument("--size", type=int, default=64, help="output side in pixels (default %(default)s)")
-    build.add_argument("--format", choices=["png", "jpg", "raw"], default="png",
-                       help="png: lossless (default); jpg: small, lossy; raw: uint8 .npy, fastest to load")
-    build.add_argument("--shard-size", type=int, default=5000, help="samples per shard (default %(default)s)")
-    build.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    build.add_argument("--valid-fraction", type=float, default=0.1,
-                       help="without a partition file: share of images for the valid split (default %(default)s)")
-    build.add_argument("--seed", type=int, default=0, help="seed of that split (default %(default)s)")
-    build.add_argument("--allow-missing", action="store_true",
-                       help="build from the images present when the partition file lists more (partial download)")
-    build.add_argument("--strict", action="store_true", help="fail on the first unreadable input instead of skipping it")
-    build.add_argument("--crop", action="store_true", help="take a centred face crop (108/178 of the width) first")
-    build.add_argument("--fast-decode", action="store_true",
-                       help="decode JPEGs at reduced scale: faster, but not pixel-identical to the lab's transform")
-    verify = commands.add_parser("verify", help="re-read every shard against manifest.json")
-    verify.add_argument("dir", type=Path)
-    verify.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    synth = commands.add_parser("synth", help="write synthetic faces in CelebA's release layout")
-    synth.add_argument("--out", required=True, type=Path, help="folder to write (the SRC of a later build)")
-    synth.add_argument("--count", type=int, required=True, help="number of images")
-    synth.add_argument("--modes", type=int, default=10, help="number of visually distinct modes (default %(default)s)")
-    synth.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
-    try:
-        if args.command == "build":
-            build_shards(args.source, args.out, size=args.size, fmt=args.format, shard_size=args.shard_size,
-                         workers=args.workers, valid_fraction=args.valid_fraction, allow_missing=args.allow_missing,
-                         strict=args.strict, crop=args.crop, seed=args.seed, fast_decode=args.fast_decode, log=log)
-        elif args.command == "verify":
-            problems = verify_shards(args.dir, workers=args.workers)
-            for problem in problems:
-                print(problem)
-            if problems:
-                log(f"{args.dir}: {len(problems)} problems")
-                return 1
-            manifest = json.loads((args.dir / MANIFEST_NAME).read_text())
-            log(f"{args.dir}: OK, {manifest['totals']['shards']} shards, {manifest['totals']['samples']:,} samples")
-        else:
-            try:
-                write_synthetic_celeba(args.out, args.count, modes=args.modes, seed=args.seed)
-            except ValueError as e:
-                raise ShardError(str(e)) from None
-            log(f"{args.out}: {args.count:,} synthetic faces in {args.modes} modes")
-    except ShardError as e:
-        print(f"dcgan-shards: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,16 +8,14 @@ with line-numbered errors, so a damaged download is named instead of silently mi
 from __future__ import annotations
 
 import gc
-import itertools
-import multiprocessing
 import os
 import zipfile
-from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from dcgan_dist.data.build import ShardError
 from dcgan_dist.data.images import IMAGE_SUFFIXES, list_images
 
 SPLITS = ("train", "valid", "test")  # the partition file's 0, 1, 2
@@ -28,13 +26,6 @@ IDENTITIES = "identity_CelebA"
 LANDMARKS = "list_landmarks_align_celeba"
 BBOXES = "list_bbox_celeba"
 LIST_SUFFIXES = (".txt", ".csv")  # as released; Kaggle's copy
-
-
-class ShardError(ValueError):
-    """Bad input for shard building, as one line naming the file and what was expected.
-
-    Defined here, the lowest layer, so parsing can raise it; `dcgan_dist.data.shards` re-exports it.
-    """
 
 
 @dataclass(frozen=True)
@@ -79,37 +70,6 @@ class CelebaLists:
     @property
     def partition_file(self) -> str:
         return self.files.get(PARTITION, PARTITION + ".txt")
-
-
-def process_pool(processes: int, initializer: Callable | None = None, initargs: tuple = ()):
-    """A worker pool that is safe to open from a process that already runs threads.
-
-    The trainer (torch, accelerate, tensorboard threads) builds the synthetic shards itself;
-    workers forked from such a process can deadlock on a lock copied mid-use, so they are
-    started by a clean fork server instead, which imports the builders once so that each
-    pool's workers start in milliseconds.
-    """
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["dcgan_dist.data.shards", "dcgan_dist.data.synth"])
-    return context.Pool(processes, initializer, initargs)
-
-
-def ordered_map(pool, fn: Callable, tasks: list, window: int) -> Iterator:
-    """`pool.imap(fn, tasks)` with at most `window` tasks in flight.
-
-    `imap` queues every task at once; when the consumer stops early (an error, Ctrl-C) the pool's
-    task thread can be left blocked on a full pipe and `Pool.terminate` then waits on it forever.
-    Feeding tasks as results come back keeps that pipe nearly empty, so stopping is prompt.
-    """
-    pending: deque = deque()
-    remaining = iter(tasks)
-    for task in itertools.islice(remaining, window):
-        pending.append(pool.apply_async(fn, (task,)))
-    while pending:
-        result = pending.popleft().get()
-        for task in itertools.islice(remaining, 1):
-            pending.append(pool.apply_async(fn, (task,)))
-        yield result
 
 
 @contextmanager

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import colorsys
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +17,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 import dcgan_dist
-from dcgan_dist.data.celeba import (ATTRIBUTES, BBOXES, IDENTITIES, IMAGES_NAME, LANDMARKS, PARTITION,
-                                    ordered_map, process_pool)
+from dcgan_dist.data.build.celeba import ATTRIBUTES, BBOXES, IDENTITIES, IMAGES_NAME, LANDMARKS, PARTITION
+from dcgan_dist.data.build.workers import default_workers, ordered_map, process_pool
+from dcgan_dist.fileio import atomic_write
 
 WIDTH, HEIGHT = 178, 218  # CelebA's aligned-and-cropped images
 OFFICIAL_SPLIT_SIZES = (162_770, 19_867, 19_962)  # train, valid, test ids, in id order
@@ -211,9 +211,7 @@ def _attribute_row(look: ModeLook, expression: str) -> list[int]:
 
 
 def _write_text(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(line + "\n" for line in lines))
 
 
 def write_synthetic_celeba(out: Path, count: int, modes: int = 10, seed: int = 0) -> Path:
@@ -236,7 +234,7 @@ def write_synthetic_celeba(out: Path, count: int, modes: int = 10, seed: int = 0
     rows = [(i + 1, {k: v[i] for k, v in params.items()}) for i in range(count)]
     chunk = 250
     tasks = [(images, looks, rows[i:i + chunk]) for i in range(0, count, chunk)]
-    processes = min(os.cpu_count() or 1, len(tasks))
+    processes = min(default_workers(), len(tasks))
     with process_pool(processes) as pool:
         for _ in ordered_map(pool, _write_chunk, tasks, 2 * processes):
             pass

@@ -1,0 +1,29 @@
+"""`data.source: synthetic`: synthetic CelebA and its shards, built once and then reused."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dcgan_dist.config import DataConfig
+from dcgan_dist.data.build.pack import build_shards
+from dcgan_dist.data.build.synth import write_synthetic_celeba
+from dcgan_dist.data.manifest import is_shard_folder
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+
+def resolve_source(data: DataConfig, seed: int, accelerator: Accelerator) -> str:
+    """The folder to read for `data.source`: itself, or for "synthetic" the shards of synthetic CelebA,
+    written under shards/ by the main process (seeded by `seed`) the first time while the others wait."""
+    if data.source != "synthetic":
+        return data.source
+    root = Path("shards") / f"synthetic-{data.synthetic_count}x{data.synthetic_modes}"
+    shards = root / "celeba64"
+    with accelerator.main_process_first():
+        if accelerator.is_main_process and not is_shard_folder(shards):
+            print(f"[dcgan-train] writing synthetic CelebA ({data.synthetic_count} images, "
+                  f"{data.synthetic_modes} modes) and its shards under {root}", flush=True)
+            write_synthetic_celeba(root / "celeba", data.synthetic_count, data.synthetic_modes, seed=seed)
+            build_shards(root / "celeba", shards)
+    return str(shards)
