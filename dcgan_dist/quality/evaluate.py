@@ -51,7 +51,7 @@ def _check_args(args: argparse.Namespace) -> str | None:
                                ("--kid-subsets", args.kid_subsets, 1), ("--kid-subset-size", args.kid_subset_size, 2)):
         if value is not None and value < least:
             return f"{flag}: got {value}, expected at least {least}"
-    from dcgan_dist.data import MANIFEST_NAME
+    from dcgan_dist.data.manifest import MANIFEST_NAME
 
     if not (args.data / MANIFEST_NAME).is_file():
         return f"--data {args.data}: no {MANIFEST_NAME}, expected a shard folder written by dcgan-shards build"
