@@ -45,9 +45,13 @@ def check(fn) -> dict:
     return {"check": fn}
 
 
+def _folder(v: Any) -> str | None:
+    return None if v.strip() else "a folder, e.g. runs/celeba64 (an empty run.dir would write into the current folder)"
+
+
 @dataclass
 class RunConfig:
-    dir: str = "runs/default"
+    dir: str = field(default="runs/default", metadata=check(_folder))
     seed: int = field(default=0, metadata=check(_non_negative))
     fresh: bool = False  # True: delete the run's checkpoints and events and start over
 
