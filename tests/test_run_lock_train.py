@@ -76,11 +76,14 @@ def test_missing_data_source_fails_before_the_run_folder_is_written(tmp_path, ca
     assert not run_dir.exists()
 
 
-def test_empty_run_dir_is_refused_at_load(capsys):
-    assert main(["run.dir="]) == 2
-    assert capsys.readouterr().err.strip() == (
-        "dcgan-train: error: config key 'run.dir': got '', expected a folder, e.g. runs/celeba64 (an empty run.dir "
-        "would write into the current folder)")
+@pytest.mark.parametrize("key,expected", [("run.dir", "a folder, e.g. runs/celeba64"),
+                                          ("data.source", "a shard folder, a folder of images or synthetic")])
+def test_empty_path_is_refused_at_load_not_taken_for_the_current_folder(tmp_path, monkeypatch, capsys, key, expected):
+    monkeypatch.chdir(tmp_path)
+    assert main([f"{key}="]) == 2
+    assert capsys.readouterr().err.strip() == (f"dcgan-train: error: config key '{key}': got '', expected {expected} "
+                                               "(empty would mean the current folder)")
+    assert not list(tmp_path.iterdir())
 
 
 def test_restart_after_a_crash_before_the_first_checkpoint_repeats_no_tensorboard_step(tmp_path, image_folder,
