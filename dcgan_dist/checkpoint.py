@@ -15,7 +15,6 @@ checksums.json: they are loaded unverified, with a note.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -30,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dcgan_dist.errors import ExplainedError, first_line, summary
-from dcgan_dist.fileio import atomic_path
+from dcgan_dist.fileio import atomic_path, sha256_of
 from dcgan_dist.parallel import on_main_process
 from dcgan_dist.seeds import reseeded_noise_seed
 from dcgan_dist.step import GANStep
@@ -101,14 +100,6 @@ def _files_of(folder: Path) -> list[str]:
     """Every file in `folder` and below (checksums.json aside), as sorted relative paths."""
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
                   if p.is_file() and p.relative_to(folder).as_posix() != CHECKSUMS)
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_checksums(folder: Path) -> None:

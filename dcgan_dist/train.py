@@ -4,7 +4,8 @@
     accelerate launch -m dcgan_dist.train --config configs/celeba64.yaml
 
 Data (shards or a folder) -> GANStep on the device -> reduced scalars to TensorBoard ->
-checkpoints. Starting on an existing run.dir resumes from its latest checkpoint.
+checkpoints. Starting on an existing run.dir resumes from its newest checkpoint that verifies
+(docs/reliability.md); one trainer at a time per run.dir.
 """
 from __future__ import annotations
 
@@ -159,7 +160,7 @@ def run_training(cfg: Config, accelerator: Accelerator, stop: StopRequest, held:
                                world_size=world, seed=cfg.run.seed)
     run_dir = prepare_run_dir(cfg, accelerator, held)
 
-    # --- the step, and the state to start from: the latest checkpoint's, or step 0
+    # --- the step, and the state to start from: the newest checkpoint that verifies, or step 0
     lr_scale = world if cfg.optim.scale_lr else 1
     gan_step = build_gan(cfg, accelerator, lr_scale)
     state, resumed_from = resume_or_start(accelerator, run_dir, gan_step, fixed_noise(cfg, accelerator),
