@@ -45,16 +45,22 @@ def check(fn) -> dict:
     return {"check": fn}
 
 
+def _path(expected: str):
+    """A check for a path key: an empty one would silently mean the current folder."""
+    return lambda v: None if v.strip() else f"{expected} (empty would mean the current folder)"
+
+
 @dataclass
 class RunConfig:
-    dir: str = "runs/default"
+    dir: str = field(default="runs/default", metadata=check(_path("a folder, e.g. runs/celeba64")))
     seed: int = field(default=0, metadata=check(_non_negative))
     fresh: bool = False  # True: delete the run's checkpoints and events and start over
 
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # a shard folder (manifest.json), a folder of images, or "synthetic"
+    # a shard folder (manifest.json), a folder of images, or "synthetic"
+    source: str = field(default="synthetic", metadata=check(_path("a shard folder, a folder of images or synthetic")))
     synthetic_count: int = field(default=4000, metadata=check(_positive))  # images, when source is "synthetic"
     synthetic_modes: int = field(default=10, metadata=check(_positive))
     workers: int = field(default=2, metadata=check(_non_negative))

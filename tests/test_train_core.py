@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dcgan_dist.checkpoint import (GENERATOR_EXPORT, checkpoint_dirs, latest_checkpoint, load_generator,
-                                   resume_or_start)
+                                   resume_or_start, write_checksums)
 from dcgan_dist.config import load_config
 from dcgan_dist.parallel import build_accelerator
 from dcgan_dist.stats import RunningStats
@@ -106,6 +106,7 @@ def test_resume_on_another_world_size_keeps_the_sample_position_and_takes_the_co
     # as if written by 2 ranks of batch 4 after 3 batches of the epoch: 24 samples seen
     blob.update(world_size=2, batch_size=4, batch_in_epoch=3, rng=torch.stack([blob["rng"][0]] * 2))
     torch.save(blob, ckpt / "state.pt")
+    write_checksums(ckpt)
     cfg = load_config(None, [*TINY, f"data.source={image_folder}", f"run.dir={tmp_path}"])
     accelerator = build_accelerator(cfg)
     gan_step = build_gan(cfg, accelerator)
