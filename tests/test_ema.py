@@ -93,3 +93,22 @@ def test_the_config_turns_the_average_off_and_a_resume_starts_it_from_the_loaded
     assert export_weights(tmp_path / GENERATOR_EXPORT) == "ema"
     for k in raw:
         torch.testing.assert_close(ema[k], raw[k], rtol=0, atol=1e-8)
+
+
+def test_weights_flag_picks_the_export_that_holds_those_weights(tmp_path):
+    from dcgan_dist.checkpoint import export_generators
+    from dcgan_dist.quality import QualityError
+    from dcgan_dist.quality.generator import weights_file
+
+    G, G_ema = Generator(nz=16, ngf=8), Generator(nz=16, ngf=8)
+    config = {"nz": 16, "ngf": 8}
+    export_generators(tmp_path, G, G_ema, config)
+    assert weights_file(tmp_path, None) == weights_file(tmp_path, "ema") == tmp_path / GENERATOR_EXPORT
+    assert weights_file(tmp_path, "raw") == tmp_path / RAW_GENERATOR_EXPORT
+    assert torch.equal(load_file(str(tmp_path / GENERATOR_EXPORT))["main.0.weight"], G_ema.main[0].weight)
+    # the same run folder later exported without an average: no stale raw file, and no EMA to ask for
+    export_generators(tmp_path, G, None, config)
+    assert not (tmp_path / RAW_GENERATOR_EXPORT).exists()
+    assert weights_file(tmp_path, None) == weights_file(tmp_path, "raw") == tmp_path / GENERATOR_EXPORT
+    with pytest.raises(QualityError, match="keeps no moving average of G"):
+        weights_file(tmp_path, "ema")
