@@ -12,6 +12,11 @@ main process writes.
 checksums (a damaged one is reported in one line and passed over), with the rules that let it
 continue on another number of processes. Checkpoints written before checksums existed have no
 checksums.json: they are loaded unverified, with a note.
+
+With `model.ema_decay` > 0 a checkpoint also holds `G_ema.safetensors` (G's moving average), and
+state.pt the EMA's update count. The inference export beside the checkpoints is
+RUN/generator.safetensors: G's moving average when the run keeps one, else G itself; the raw G of an
+EMA run is RUN/generator_raw.safetensors. The export's metadata says which (`weights`: "ema" or "raw").
 """
 from __future__ import annotations
 
@@ -40,6 +45,8 @@ GENERATOR_EXPORT = "generator.safetensors"
 _NAME = re.compile(r"^step-(\d{8})$")
 _PARTIAL = re.compile(r"^(step-\d{8}\.tmp|\.tmp-step-\d{8})$")  # an interrupted write (this version's, an older one's)
 _FILES = ("G.safetensors", "D.safetensors", "state.pt")
+RAW_GENERATOR_EXPORT = "generator_raw.safetensors"  # written beside GENERATOR_EXPORT when it holds the EMA
+EMA_FILE = "G_ema.safetensors"  # in a checkpoint folder, with model.ema_decay > 0
 
 
 class CheckpointError(ExplainedError):
@@ -190,11 +197,33 @@ def _state_dict_for_safetensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
 
 
-def export_generator(G: nn.Module, path: Path, model_config: dict) -> None:
-    """G's weights with its constructor arguments in the metadata, for `Generator(**config)`."""
-    meta = {"model_config": json.dumps(model_config), "format": "dcgan_dist.Generator"}
+def export_generator(G: nn.Module, path: Path, model_config: dict, weights: str = "raw") -> None:
+    """G's weights with its constructor arguments in the metadata, for `Generator(**config)`; `weights`
+    ("raw" or "ema") says whether they are G's own or its moving average."""
+    meta = {"model_config": json.dumps(model_config), "format": "dcgan_dist.Generator", "weights": weights}
     with atomic_path(path) as tmp:
         save_file(_state_dict_for_safetensors(G), str(tmp), metadata=meta)
+
+
+def export_generators(run_dir: Path, G: nn.Module, G_ema: nn.Module | None, model_config: dict) -> None:
+    """RUN/generator.safetensors: the EMA when there is one (and the raw G as RUN/generator_raw.safetensors),
+    else the raw G (and no stale generator_raw.safetensors from an earlier EMA run)."""
+    run_dir = Path(run_dir)
+    if G_ema is None:
+        export_generator(G, run_dir / GENERATOR_EXPORT, model_config)
+        (run_dir / RAW_GENERATOR_EXPORT).unlink(missing_ok=True)
+        return
+    export_generator(G, run_dir / RAW_GENERATOR_EXPORT, model_config)
+    export_generator(G_ema, run_dir / GENERATOR_EXPORT, model_config, weights="ema")
+
+
+def export_weights(path: Path) -> str:
+    """Which weights an export holds: "ema" or "raw" (exports without the key predate the EMA: raw)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return meta.get("weights", "raw")
 
 
 def load_generator(path: Path) -> nn.Module:
@@ -223,6 +252,8 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainingStat
 
     def write() -> None:
         G, D = accelerator.unwrap_model(gan_step.G), accelerator.unwrap_model(gan_step.D)
+        ema = gan_step.ema
+        models = {"G.safetensors": G, "D.safetensors": D, **({EMA_FILE: ema.model} if ema is not None else {})}
         scaler = accelerator.scaler
         blob = {
             "step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
@@ -231,11 +262,12 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainingStat
             "opt_g": gan_step.opt_g.state_dict(), "opt_d": gan_step.opt_d.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "config": config_yaml,
+            "ema_updates": ema.updates.cpu() if ema is not None else None,
         }
         try:
-            _write_folder(final, {"G.safetensors": G, "D.safetensors": D}, blob)
+            _write_folder(final, models, blob)
             _prune(run_dir, final, keep)
-            export_generator(G, Path(run_dir) / GENERATOR_EXPORT, model_config)
+            export_generators(Path(run_dir), G, ema.model if ema is not None else None, model_config)
         except Exception as exc:  # a full disk surfaces from safetensors or torch.save as their own errors
             raise CheckpointError(f"checkpoint {final}: could not be written ({summary(exc)}); the checkpoints "
                                   "before it are intact") from exc
@@ -275,6 +307,7 @@ def load_checkpoint(accelerator: Accelerator, path: Path, gan_step: GANStep) -> 
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {path}: weights do not fit this config's model ({first_line(exc)}); "
                               "use the run's model.* settings or a new run.dir") from None
+    load_ema(path, blob, gan_step)
     gan_step.opt_g.load_state_dict(blob["opt_g"])
     gan_step.opt_d.load_state_dict(blob["opt_d"])
     if accelerator.scaler is not None and blob["scaler"] is not None:
@@ -287,6 +320,22 @@ def load_checkpoint(accelerator: Accelerator, path: Path, gan_step: GANStep) -> 
     return TrainingState(step=blob["step"], epoch=blob["epoch"], batch_in_epoch=blob["batch_in_epoch"],
                          fixed_noise=blob["fixed_noise"].to(accelerator.device), world_size=blob["world_size"],
                          batch_size=blob["batch_size"])
+
+
+def load_ema(path: Path, blob: dict, gan_step: GANStep) -> None:
+    """The moving average and its update count from checkpoint `path` (`blob`: its state.pt); a
+    checkpoint without one (EMA turned on at this resume) starts the average from the loaded G."""
+    ema = gan_step.ema
+    if ema is None:
+        return
+    if not (path / EMA_FILE).is_file() or blob.get("ema_updates") is None:
+        ema.reset()
+        return
+    try:
+        ema.model.load_state_dict(load_file(str(path / EMA_FILE)))
+    except Exception as exc:  # damaged, or another model size: name the file, as for G and D
+        raise CheckpointError(f"checkpoint {path}: {EMA_FILE} cannot be loaded ({summary(exc)})") from None
+    ema.updates.copy_(blob["ema_updates"])
 
 
 def resume_or_start(accelerator: Accelerator, run_dir: Path, gan_step: GANStep, fixed_noise: torch.Tensor,

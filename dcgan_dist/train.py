@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # torch, accelerate and what needs them load in the functions
     from dcgan_dist.data import BatchSource
     from dcgan_dist.metrics import RunLogger
     from dcgan_dist.preemption import StopRequest
+    from dcgan_dist.quality.in_training import TrainingEvaluator
     from dcgan_dist.step import GANStep
 
 FIXED_NOISE_SAMPLES = 64
@@ -52,6 +53,7 @@ def prepare_run_dir(cfg: Config, accelerator: Accelerator, held: ExitStack) -> P
     from dcgan_dist.checkpoint import CHECKPOINT_DIR
     from dcgan_dist.metrics import TB_DIR
     from dcgan_dist.parallel import on_main_process
+    from dcgan_dist.quality.in_training import BEST_DIR, QUALITY_JSON
     from dcgan_dist.runlock import RunLock
 
     run_dir = Path(cfg.run.dir)
@@ -65,6 +67,8 @@ def prepare_run_dir(cfg: Config, accelerator: Accelerator, held: ExitStack) -> P
         if cfg.run.fresh:
             shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
             shutil.rmtree(run_dir / TB_DIR, ignore_errors=True)
+            shutil.rmtree(run_dir / BEST_DIR, ignore_errors=True)
+            (run_dir / QUALITY_JSON).unlink(missing_ok=True)
         atomic_write(run_dir / "config.yaml", config_to_yaml(cfg))
 
     on_main_process(accelerator, f"prepare the run folder {run_dir}", prepare)
@@ -102,7 +106,8 @@ def build_gan(cfg: Config, accelerator: Accelerator, lr_scale: float = 1) -> GAN
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.optim.lr_g * lr_scale, betas=cfg.optim.betas_g, fused=True)
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_d * lr_scale, betas=cfg.optim.betas_d, fused=True)
     G, D, opt_g, opt_d = prepare_gan(accelerator, cfg.ddp.batchnorm, G, D, opt_g, opt_d)
-    return GANStep(accelerator, G, D, opt_g, opt_d, cfg.loss, cfg.model.nz, cfg.run.seed)
+    return GANStep(accelerator, G, D, opt_g, opt_d, cfg.loss, cfg.model.nz, cfg.run.seed,
+                   ema_decay=cfg.model.ema_decay, ema_rampup=cfg.model.ema_rampup)
 
 
 def fixed_noise(cfg: Config, accelerator: Accelerator) -> torch.Tensor:
@@ -132,9 +137,12 @@ def run_training(cfg: Config, accelerator: Accelerator, stop: StopRequest, held:
     from dcgan_dist.diagnostics import Diagnostics
     from dcgan_dist.fastpath import StepRunner
     from dcgan_dist.metrics import RunLogger
+    from dcgan_dist.quality.in_training import TrainingEvaluator, check_eval_config
 
     # --- data, then the run folder: a data.source that is not there fails before anything is written
     cfg.data.source = resolve_source(cfg.data, cfg.run.seed, accelerator)
+    if cfg.eval.every:
+        check_eval_config(cfg)  # shards and the FID network there, before any work
     world = accelerator.num_processes
     source = make_batch_source(cfg.data, batch_size=cfg.train.batch_size, rank=accelerator.process_index,
                                world_size=world, seed=cfg.run.seed)
@@ -152,6 +160,7 @@ def run_training(cfg: Config, accelerator: Accelerator, stop: StopRequest, held:
     announce_run(cfg, accelerator, log, source, gan_step, state, total, resumed_from)
     runner = StepRunner(gan_step, cfg.perf, log.message)  # after the resume: a CUDA graph fixes the state it captures
     diagnostics = Diagnostics.for_run(cfg, accelerator, source, run_dir, state.step, log)
+    evaluator = TrainingEvaluator.for_run(cfg, accelerator, run_dir, state.step, gan_step.ema is not None, log)
 
     # --- the loop
     images_per_step = cfg.train.batch_size * world
@@ -173,6 +182,8 @@ def run_training(cfg: Config, accelerator: Accelerator, stop: StopRequest, held:
                         raise nonfinite_error(cfg, state, run_dir)
                 if state.step % cfg.log.images_every == 0:
                     log_samples(accelerator, log, gan_step, state)
+                if evaluator is not None and evaluator.due(state.step):
+                    evaluate(cfg, accelerator, run_dir, state, gan_step, evaluator)  # collectives
                 if state.step % cfg.ckpt.every == 0 and state.step != total:
                     save_unless_nonfinite(cfg, accelerator, run_dir, state, gan_step, log)  # a collective; may raise
                 stopping = stop.should_stop(state.step)  # a collective on check steps
@@ -182,6 +193,8 @@ def run_training(cfg: Config, accelerator: Accelerator, stop: StopRequest, held:
         # --- the end: last samples and checkpoint, a summary
         if state.step % cfg.log.images_every != 0:
             log_samples(accelerator, log, gan_step, state)
+        if evaluator is not None and state.step >= total and not evaluator.due(state.step):
+            evaluate(cfg, accelerator, run_dir, state, gan_step, evaluator)  # the finished run's quality
         save_unless_nonfinite(cfg, accelerator, run_dir, state, gan_step, log)
     if accelerator.is_main_process:
         print_summary(state.step, total, state.step - start_step, time.perf_counter() - started, images_per_step,
@@ -193,6 +206,7 @@ def run_training(cfg: Config, accelerator: Accelerator, stop: StopRequest, held:
 def announce_run(cfg: Config, accelerator: Accelerator, log: RunLogger, source: BatchSource, gan_step: GANStep,
                  state: TrainingState, total: int, resumed_from: Path | None) -> None:
     """The run's first console lines; on a fresh start also the config and real images in TensorBoard."""
+    from dcgan_dist.checkpoint import EMA_FILE, GENERATOR_EXPORT, RAW_GENERATOR_EXPORT
     from dcgan_dist.models import count_parameters
 
     world = accelerator.num_processes
@@ -201,8 +215,14 @@ def announce_run(cfg: Config, accelerator: Accelerator, log: RunLogger, source: 
                 f"batch {cfg.train.batch_size} per process = {cfg.train.batch_size * world} global; "
                 f"G {count_parameters(gan_step.G):,} / D {count_parameters(gan_step.D):,} parameters; "
                 f"steps {state.step} -> {total}")
+    if gan_step.ema is not None:
+        log.message(f"[dcgan-train] G's moving average: decay {cfg.model.ema_decay} per step (half-life "
+                    f"{gan_step.ema.half_life:.0f} steps), ramp-up {cfg.model.ema_rampup}; "
+                    f"{GENERATOR_EXPORT} holds the average, {RAW_GENERATOR_EXPORT} G itself")
     if resumed_from is not None:
         log.message(f"[dcgan-train] resumed from {resumed_from} (epoch {state.epoch}, batch {state.batch_in_epoch})")
+        if gan_step.ema is not None and not (resumed_from / EMA_FILE).is_file():
+            log.message(f"[dcgan-train] {resumed_from} holds no moving average of G: it starts from the loaded G")
     else:
         log.text("config", 0, "```\n" + config_to_yaml(cfg) + "\n```")
         first = next(iter(source.batches(0)))
@@ -256,16 +276,37 @@ def save_unless_nonfinite(cfg: Config, accelerator: Accelerator, run_dir: Path, 
         log.message(f"[dcgan-train] step {state.step}: not saving, the last step was not finite; "
                     f"latest good checkpoint: {latest_checkpoint(run_dir) or 'none'}")
         return
-    model_config = {"nz": cfg.model.nz, "ngf": cfg.model.ngf, "channels": cfg.model.channels}
-    save_checkpoint(accelerator, run_dir, state, gan_step, config_to_yaml(cfg), cfg.ckpt.keep, model_config)
+    save_checkpoint(accelerator, run_dir, state, gan_step, config_to_yaml(cfg), cfg.ckpt.keep, generator_config(cfg))
+
+
+def generator_config(cfg: Config) -> dict:
+    """The generator's constructor arguments, stored in its exports."""
+    return {"nz": cfg.model.nz, "ngf": cfg.model.ngf, "channels": cfg.model.channels}
+
+
+def evaluate(cfg: Config, accelerator: Accelerator, run_dir: Path, state: TrainingState, gan_step: GANStep,
+             evaluator: TrainingEvaluator) -> None:
+    """FID/KID now (every rank takes part); a new best FID is saved as RUN/best/, apart from the rolling
+    checkpoints (a run folder of its own, one checkpoint kept)."""
+    from dcgan_dist.checkpoint import save_checkpoint
+    from dcgan_dist.quality.in_training import BEST_DIR
+
+    def save_best() -> Path:
+        return save_checkpoint(accelerator, run_dir / BEST_DIR, state, gan_step, config_to_yaml(cfg), 1,
+                               generator_config(cfg))
+
+    evaluator(state.step, gan_step, save_best)
 
 
 def log_samples(accelerator: Accelerator, log: RunLogger, gan_step: GANStep, state: TrainingState) -> None:
-    """G(fixed noise) as an image grid in TensorBoard."""
+    """G(fixed noise) as an image grid in TensorBoard, and its moving average's beside it."""
     from dcgan_dist.models import sample_with_batch_statistics
 
     G = accelerator.unwrap_model(gan_step.G)
     log.grid("images/fake_fixed_noise", state.step, sample_with_batch_statistics(G, state.fixed_noise))
+    if gan_step.ema is not None:
+        log.grid("images/fake_fixed_noise_ema", state.step, sample_with_batch_statistics(gan_step.ema.model,
+                                                                                         state.fixed_noise))
 
 
 def print_summary(step: int, total: int, steps_done: int, elapsed: float, images_per_step: int,
