@@ -21,7 +21,7 @@ from torchvision import transforms
 from conftest import shared_path
 from dcgan_dist.data.build import ShardError
 from dcgan_dist.data.build.cli import main
-from dcgan_dist.data.build.pack import build_shards
+from dcgan_dist.data.build.pack import STAGING_NAME, build_shards
 from dcgan_dist.data.build.synth import write_synthetic_celeba
 from dcgan_dist.data.build.verify import verify_shards
 from dcgan_dist.data.manifest import MANIFEST_NAME
@@ -243,12 +243,14 @@ def test_interrupted_build_leaves_no_partial_shard_or_manifest_and_resumes(relea
 
     with pytest.raises(KeyboardInterrupt):
         build_shards(release, out, shard_size=50, workers=2, log=interrupt)
-    assert not (out / MANIFEST_NAME).exists() and not list(out.glob("*.tmp"))
-    assert (out / "celeba64-train-000000.tar").read_bytes() == (built / "celeba64-train-000000.tar").read_bytes()
+    assert not (out / MANIFEST_NAME).exists() and not list(out.rglob("*.tmp")) and not list(out.glob("*.tar"))
+    staged = out / STAGING_NAME / "celeba64-train-000000.tar"  # the finished shard waits for the build to complete
+    assert staged.read_bytes() == (built / "celeba64-train-000000.tar").read_bytes()
     log = []
     build_shards(release, out, shard_size=50, workers=2, log=log.append)
     assert any(line.startswith("kept 1 complete shards") for line in log)
     assert tar_bytes(out) == tar_bytes(built) and verify_shards(out) == []
+    assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".tar")) == [MANIFEST_NAME]
 
 
 def test_verify_catches_a_flipped_byte_and_a_truncated_tar(built, tmp_path, capsys):
