@@ -203,7 +203,7 @@ class ShardBatchSource:
         self._position[0], self._position[1] = epoch, start
         iterator = iter(self._loader)  # restarts the persistent workers on the new position
         damaged_before = self.damaged.count
-        while True:
+        for index in range(start, self.batches_per_epoch + 1):
             if generation != self._generation:
                 raise RuntimeError("ShardBatchSource.batches: a later batches() call has taken over the loader; "
                                    "iterate one epoch at a time")
@@ -219,13 +219,14 @@ class ShardBatchSource:
                 self._loader = self._new_loader()
                 raise
             if item is None:
-                if self.damaged.count > damaged_before:
-                    print(f"{self.damaged.prefix}epoch {epoch}: {self.damaged.count - damaged_before} damaged samples "
-                          f"replaced ({self.damaged.count} so far)", file=sys.stderr, flush=True)
                 return
             images, keys, replaced = item
             for shard, message in replaced:
                 self.damaged.add(shard, message)
+            if index == self.batches_per_epoch - 1 and self.damaged.count > damaged_before:  # said before the
+                # last batch is handed out: a trainer that reaches its last step there does not come back
+                print(f"{self.damaged.prefix}epoch {epoch}: {self.damaged.count - damaged_before} damaged samples "
+                      f"replaced ({self.damaged.count} so far)", file=sys.stderr, flush=True)
             yield Batch(images, keys)
 
     def describe(self) -> str:
@@ -235,9 +236,10 @@ class ShardBatchSource:
                 f"process ({self.world_size} processes, {self.workers} loader workers each, shuffle buffer "
                 f"{self.cfg.shuffle_buffer})")
         if self.unchecked:
+            slower = " and png/jpg decode through PIL (slower)" if self.format != "npy" else ""
             line += (f"; note: {self.unchecked} shards have no per-member checksums (built by an older dcgan-shards), "
-                     f"so damaged bytes cannot be told apart{' and png/jpg decode through PIL (slower)' * (self.format != 'npy')}"
-                     f"; dcgan-shards build --out {self.path} with the same --source and options adds them")
+                     f"so damaged bytes go undetected{slower}; dcgan-shards build --out {self.path} with the same "
+                     "--source and options adds them")
         resized = [s.size_note for s in self.shards if s.size_note]
         if resized:
             line += (f"; note: {len(resized)} shards differ in size from {MANIFEST_NAME} ({resized[0]}): "
