@@ -20,6 +20,7 @@ from PIL import Image
 from dcgan_dist.config import ConfigError, DataConfig
 from dcgan_dist.data.build.pack import build_shards
 from dcgan_dist.data.build.synth import write_synthetic_celeba
+from dcgan_dist.data.build.verify import verify_shards
 from dcgan_dist.data.loader import ShardBatchSource, read_samples
 from dcgan_dist.data.manifest import MANIFEST_NAME
 from dist_helpers import REPO, launch_env, run_torchrun
@@ -179,6 +180,14 @@ def test_every_batch_full_when_all_but_one_sample_is_damaged(built, tmp_path):
     flip_byte(folder, f"{clean[0].keys[0]}.npy")
     with pytest.raises(ConfigError, match="every sample of a batch of 8 is damaged"):
         next(iter(source(folder, workers=0).batches(0)))
+
+
+def test_verify_names_the_damaged_member(built, tmp_path):
+    folder = damaged_copy(built, "jpg", tmp_path)
+    shard = flip_byte(folder, "000020.jpg")
+    problems = verify_shards(folder, workers=1)
+    assert f"{shard.name}: 000020.jpg has crc32" in "\n".join(problems)
+    assert [p for p in problems if "crc32" in p and "000020.jpg" not in p] == []
 
 
 # ------------------------------------------------------------------------------- shards without checksums
