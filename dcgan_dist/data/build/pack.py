@@ -322,7 +322,7 @@ def _reusable(out: Path, candidates: list[dict], start: int, settings: dict,
         try:
             begin, end = old["inputs"]
             if not (begin == start and end > start and old["plan"] == _plan_hash(settings, samples[start:end])
-                    and all(k in old for k in SHARD_FIELDS)):
+                    and all(k in old for k in (*SHARD_FIELDS, "skipped"))):
                 continue
             for staged, path in ((False, out / old["name"]), (True, out / STAGING_NAME / old["name"])):
                 if path.is_file() and path.stat().st_size == old["bytes"] and file_sha256(path) == old["sha256"]:
