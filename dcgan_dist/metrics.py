@@ -35,9 +35,9 @@ class RunLogger:
         self.writer = None
         self.bar = None
         if self.enabled:
-            # purge_step drops events a crashed run wrote after its last checkpoint, so resumed curves join cleanly
-            purge = start_step + 1 if start_step else None
-            self.writer = SummaryWriter(str(Path(run_dir) / TB_DIR), purge_step=purge)
+            # purge_step hides the events a crashed run wrote after its last checkpoint (all of them when it
+            # crashed before its first one: a start from step 0 purges from 0), so curves never repeat a step
+            self.writer = SummaryWriter(str(Path(run_dir) / TB_DIR), purge_step=start_step + 1 if start_step else 0)
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                             mininterval=1.0)
         self._t0, self._step0 = time.perf_counter(), start_step

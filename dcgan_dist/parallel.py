@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, parse_flag_from_env
+from accelerate.utils import DistributedDataParallelKwargs, broadcast, parse_flag_from_env
 from torch import nn
 
 from dcgan_dist.config import Config, ConfigError
+from dcgan_dist.errors import ExplainedError
 
 
 def launched_world_size() -> int:
@@ -83,3 +85,38 @@ def any_rank(accelerator: Accelerator, flag: bool) -> bool:
         return flag
     votes = torch.tensor([float(flag)], device=accelerator.device)
     return accelerator.reduce(votes, reduction="sum").item() > 0
+
+
+class MainProcessFailed(ExplainedError):
+    """Raised on the other ranks when the main process failed work they all waited for; it reports the cause."""
+
+
+_DONE, _VALUE, _FAILED = 0, 1, 2  # on_main_process's outcome
+
+
+def on_main_process(accelerator: Accelerator, what: str, fn: Callable[[], int | None]) -> int | None:
+    """`fn()` on the main process only; its result (an int or None) on every rank.
+
+    The others wait in one broadcast that carries the outcome, not in a barrier: when `fn` raises,
+    the main process re-raises it and every other rank raises `MainProcessFailed` (naming `what`), so
+    no rank is left waiting forever for a main process that has left.
+    """
+    if accelerator.num_processes == 1:
+        return fn()
+    outcome = torch.zeros(2, dtype=torch.int64, device=accelerator.device)  # (status, value)
+    error: BaseException | None = None
+    if accelerator.is_main_process:
+        try:
+            value = fn()
+            outcome[0], outcome[1] = (_DONE, 0) if value is None else (_VALUE, value)
+        except BaseException as exc:  # KeyboardInterrupt too: the others must not wait for it
+            error, outcome[0] = exc, _FAILED
+    broadcast(outcome, from_process=0)
+    status, value = outcome.tolist()
+    if error is not None:
+        raise error
+    if status == _FAILED:
+        raise MainProcessFailed(f"rank {accelerator.process_index}: stopping because the main process could not "
+                                f"{what} (its message says why)")
+    return value if status == _VALUE else None
+

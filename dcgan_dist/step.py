@@ -2,6 +2,7 @@
 
 1. D on a real batch (target `real_label`) and on G(z).detach() (target 0); one D update.
 2. G through the *updated* D with those same fakes (target 1); one G update.
+3. With `ema_decay` > 0, G's moving average (ema.py) takes one step toward the new weights.
 
 The G step runs D's bare module with D's parameters frozen, so D's weight gradients are
 neither computed nor all-reduced. Nothing here reads a value back to the host: the named
@@ -14,7 +15,7 @@ check and skips by itself. A loss that is not finite is turned into NaN gradient
 bad loss skips the step everywhere.
 
 The step owns its state (weights, optimizers, the noise generator, statistics, the non-finite
-streak) and offers what a CUDA graph of it needs (`make_capturable`, `noise` to register with the
+streak, G's moving average) and offers what a CUDA graph of it needs (`make_capturable`, `noise` to register with the
 graph, `restore_after_failed_capture`, `snapshot`/`restore`); fastpath.py only drives it.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from dcgan_dist.config import LossConfig
+from dcgan_dist.ema import GeneratorEMA
 from dcgan_dist.seeds import noise_seed
 from dcgan_dist.stats import RunningStats
 
@@ -126,7 +128,8 @@ class GANStep:
     """The training step, its networks and optimizers, its noise generator and its running statistics."""
 
     def __init__(self, accelerator: Accelerator, G: nn.Module, D: nn.Module,
-                 opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, loss: LossConfig, nz: int, seed: int):
+                 opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, loss: LossConfig, nz: int, seed: int,
+                 ema_decay: float = 0.0, ema_rampup: float = 0.0):
         self.accelerator, self.G, self.D, self.opt_g, self.opt_d = accelerator, G, D, opt_g, opt_d
         self.loss, self.nz = loss, nz
         for opt in (opt_g, opt_d):
@@ -142,6 +145,8 @@ class GANStep:
         self.stats = RunningStats(device)
         self.streak = torch.zeros((), device=device)  # consecutive non-finite steps up to now
         self.worst_streak = torch.zeros((), device=device)
+        # the moving average of G (ema.py), or None with ema_decay 0; every rank keeps the same one
+        self.ema = GeneratorEMA(accelerator.unwrap_model(G), ema_decay, ema_rampup) if ema_decay > 0 else None
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, C, H, W) on the host -> float in [-1, 1] on the device (the lab's scaling)."""
@@ -174,6 +179,8 @@ class GANStep:
             acc.unscale_gradients(self.opt_g)
             out.grad_norms_g = layer_grad_norms(self.G)
         skipped_g = self._optimizer_step(self.opt_g)
+        if self.ema is not None:
+            self.ema.update()
 
         with torch.no_grad():
             finite = torch.isfinite(loss_d) & torch.isfinite(loss_g)
@@ -237,7 +244,7 @@ class GANStep:
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor a step changes, by name, the live tensors themselves: weights and buffers, Adam's
-        state, the statistic sums and the non-finite streak (not an fp16 scaler's, which a graph never runs
+        state, the statistic sums, the non-finite streak and G's moving average (not an fp16 scaler's, which a graph never runs
         with; the noise generator's state is no tensor: `snapshot` adds it)."""
         tensors: dict[str, torch.Tensor] = {}
         for prefix, model, opt in (("G", self.G, self.opt_g), ("D", self.D, self.opt_d)):
@@ -249,6 +256,8 @@ class GANStep:
                 tensors.update({f"{prefix}.{names[p]}/adam.{key}": t for key, t in state.items() if torch.is_tensor(t)})
         tensors.update(self.stats.state_tensors())
         tensors.update({"nonfinite/streak": self.streak, "nonfinite/worst_streak": self.worst_streak})
+        if self.ema is not None:
+            tensors.update(self.ema.state_tensors())
         return tensors
 
     def snapshot(self) -> dict[str, torch.Tensor]:

@@ -43,6 +43,26 @@ def image_folder(tmp_path_factory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("images"), 96)
 
 
+class PooledPixels(torch.nn.Module):
+    """A stand-in FID network: (N, 3, 299, 299) -> (N, 48) average colours of a 4 x 4 grid."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
+
+
+@pytest.fixture(scope="session")
+def fid_stand_in(tmp_path_factory) -> Path:
+    """A TorchScript file with the FID network's interface that runs in milliseconds, for tests of what
+    surrounds the network (the standard one runs at about an image per second on a busy CPU core)."""
+    import warnings
+
+    path = tmp_path_factory.mktemp("fid-network") / "pooled.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated; FeatureExtractor loads these
+        torch.jit.script(PooledPixels()).save(str(path))
+    return path
+
+
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """Accelerate keeps process-wide state; each test builds its own Accelerator from scratch."""

@@ -18,8 +18,9 @@ from dcgan_dist.step import GANStep, generator_loss
 PRETEND_CUDA = torch.device("cuda")  # prepare_models only reads the device type; the models stay on the CPU
 
 
-def build(channels_last: bool = False):
-    """A small GANStep on the CPU, its models optionally put in channels_last by `prepare_models`."""
+def build(channels_last: bool = False, ema_decay: float = 0.0):
+    """A small GANStep on the CPU, its models optionally put in channels_last by `prepare_models`, with G's
+    moving average when `ema_decay` > 0."""
     torch.manual_seed(0)
     G, D = Generator(nz=16, ngf=8), Discriminator(ndf=8)
     if channels_last:
@@ -28,7 +29,7 @@ def build(channels_last: bool = False):
     opt_g = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999), fused=True)
     opt_d = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999), fused=True)
     G, D, opt_g, opt_d = acc.prepare(G, D, opt_g, opt_d)
-    return GANStep(acc, G, D, opt_g, opt_d, LossConfig(), nz=16, seed=0)
+    return GANStep(acc, G, D, opt_g, opt_d, LossConfig(), nz=16, seed=0, ema_decay=ema_decay, ema_rampup=0.5)
 
 
 def batch(seed: int, channels_last: bool = False) -> torch.Tensor:
@@ -107,13 +108,17 @@ def test_g_step_backward_into_g_only_gives_the_full_backwards_gradients():
 
 
 def test_step_updates_every_running_tensor_in_place():
-    """A CUDA graph replays into the tensors it captured: the step must never rebind them."""
-    step = build()
+    """A CUDA graph replays into the tensors it captured: the step must never rebind them (G's moving average
+    included, which must also be part of the state a graph's self-check compares)."""
+    step = build(ema_decay=0.99)
     step(batch(0))  # Adam's state and the statistic sums exist from the first step on
+    names = step.state_tensors().keys()
+    g_names = [n for n in names if n.startswith("G.") and "/adam." not in n]
+    assert {n.replace("G.", "G_ema.", 1) for n in g_names} | {"ema/updates"} <= names
 
     def tensors() -> list[torch.Tensor]:
         opt_state = [t for opt in (step.opt_g, step.opt_d) for s in opt.optimizer.state.values() for t in s.values()]
-        models = [t for m in (step.G, step.D) for t in [*m.parameters(), *m.buffers()]]
+        models = [t for m in (step.G, step.D, step.ema.model) for t in [*m.parameters(), *m.buffers()]]
         return [*step.state_tensors().values(), *opt_state, *models]
 
     before = [(t, t.data_ptr()) for t in tensors()]
@@ -145,7 +150,7 @@ def test_runner_on_cpu_is_the_eager_step_and_says_why_once():
 
 
 def stepped_snapshot():
-    step = build()
+    step = build(ema_decay=0.99)
     step(batch(0))
     step(batch(1))
     return step.snapshot()
@@ -171,6 +176,8 @@ def test_snapshot_differences_pass_identical_and_rounding_level_snapshots():
     ("D.main.3.running_var", lambda t: t.fill_(float("nan")), "NaN in different places"),
     ("D.main.3.num_batches_tracked", lambda t: t + 1, "not equal"),
     ("stats/sums", lambda t: t * 1.002, "relative difference"),
+    ("G_ema.main.0.weight", lambda t: t * 1.01, "relative difference"),  # a missed moving-average update
+    ("ema/updates", lambda t: t + 1, "relative difference"),
     ("noise", lambda t: torch.Generator().manual_seed(1).get_state(), "not equal"),
 ])
 def test_snapshot_differences_name_what_differs(name, change, phrase):
@@ -184,7 +191,7 @@ def test_snapshot_differences_name_what_differs(name, change, phrase):
 
 
 def test_checked_replay_leaves_the_state_of_exactly_one_step():
-    step, plain = build(), build()
+    step, plain = build(ema_decay=0.99), build(ema_decay=0.99)
     for seed in range(2):
         step(batch(seed))
         plain(batch(seed))

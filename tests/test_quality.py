@@ -387,7 +387,7 @@ def small_shards(tmp_path) -> Path:
 
 @pytest.mark.parametrize("args, expected", [
     (["--samples", "1"], "--samples: got 1, expected at least 2"),
-    (["--weights", "ema"], "generator_ema.safetensors: absent"),
+    (["--weights", "ema"], "this run keeps no moving average of G"),
     (["--inception", "NETWORK"], "not a TorchScript file"),
     (["--inception", "MISSING"], "no such file"),
     (["--device", "tpu9"], "--device tpu9: expected"),

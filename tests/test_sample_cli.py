@@ -121,7 +121,7 @@ def test_slerp_follows_the_great_circle():
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["RUN", "--weights", "ema", "--grid", "OUT/g.png"], "generator_ema.safetensors: absent"),
+    (["RUN", "--weights", "ema", "--grid", "OUT/g.png"], "this run keeps no moving average of G"),
     (["RUN/generator.safetensors", "--weights", "ema", "--grid", "OUT/g.png"], "is a file, pass it without --weights"),
     (["OUT/missing", "--grid", "OUT/g.png"], "no such file or run directory"),
     (["RUN/not-a-generator.txt", "--grid", "OUT/g.png"], "not a dcgan_dist generator export"),

@@ -11,8 +11,9 @@ import yaml
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dcgan_dist.checkpoint import (GENERATOR_EXPORT, checkpoint_dirs, latest_checkpoint, load_generator,
-                                   resume_or_start)
+from dcgan_dist.checkpoint import (EMA_FILE, GENERATOR_EXPORT, RAW_GENERATOR_EXPORT, checkpoint_dirs,
+                                   export_weights, latest_checkpoint, load_generator, resume_or_start,
+                                   write_checksums)
 from dcgan_dist.config import load_config
 from dcgan_dist.parallel import build_accelerator
 from dcgan_dist.stats import RunningStats
@@ -41,10 +42,11 @@ def test_short_run_writes_every_documented_tag_and_a_checkpoint(tmp_path, image_
     tags = ev.Tags()
     assert SCALAR_TAGS <= set(tags["scalars"])
     assert not {"amp/skipped_steps", "amp/scale"} & set(tags["scalars"])  # fp16 only
-    assert {"images/real", "images/fake_fixed_noise"} <= set(tags["images"])
+    assert {"images/real", "images/fake_fixed_noise", "images/fake_fixed_noise_ema"} <= set(tags["images"])
     assert "config/text_summary" in tags["tensors"]
     assert [e.step for e in ev.Scalars("loss/D")] == [5, 10, 12]
     assert [e.step for e in ev.Images("images/fake_fixed_noise")] == [10, 12]
+    assert [e.step for e in ev.Images("images/fake_fixed_noise_ema")] == [10, 12]
     lr = ev.Scalars("lr/G")[0].value
     assert lr == pytest.approx(2e-4)
     # checkpoints: periodic (10) and final (12), keep=2, nothing half-written left
@@ -54,11 +56,15 @@ def test_short_run_writes_every_documented_tag_and_a_checkpoint(tmp_path, image_
     assert state["step"] == 12 and state["fixed_noise"].shape == (64, 16, 1, 1)
     assert yaml.safe_load(state["config"])["model"]["ngf"] == 8
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["data"]["source"] == str(image_folder)
-    # the inference export rebuilds G from its own metadata and matches the checkpoint's weights
-    G = load_generator(tmp_path / GENERATOR_EXPORT)
-    ckpt_g = load_file(str(latest_checkpoint(tmp_path) / "G.safetensors"))
-    for k, v in G.state_dict().items():
-        assert torch.equal(v, ckpt_g[k])
+    # the inference exports rebuild G from their own metadata and match the checkpoint's weights: the
+    # moving average (model.ema_decay is on by default) in generator.safetensors, G itself beside it
+    for export, weights, in_checkpoint in ((GENERATOR_EXPORT, "ema", EMA_FILE),
+                                           (RAW_GENERATOR_EXPORT, "raw", "G.safetensors")):
+        G = load_generator(tmp_path / export)
+        ckpt_g = load_file(str(latest_checkpoint(tmp_path) / in_checkpoint))
+        assert export_weights(tmp_path / export) == weights
+        for k, v in G.state_dict().items():
+            assert torch.equal(v, ckpt_g[k])
 
 
 def test_a_statistic_reported_by_name_reaches_tensorboard_by_that_name(tmp_path, image_folder, monkeypatch):
@@ -85,7 +91,7 @@ def test_resumed_run_ends_with_exactly_the_weights_of_an_uninterrupted_run(tmp_p
     run(split, image_folder, "train.max_steps=20")
     a, b = latest_checkpoint(straight), latest_checkpoint(split)
     assert a.name == b.name == "step-00000020"
-    for name in ("G.safetensors", "D.safetensors"):
+    for name in ("G.safetensors", "D.safetensors", EMA_FILE):  # G's moving average resumes bitwise too
         wa, wb = load_file(str(a / name)), load_file(str(b / name))
         assert wa.keys() == wb.keys()
         for k in wa:
@@ -94,6 +100,7 @@ def test_resumed_run_ends_with_exactly_the_weights_of_an_uninterrupted_run(tmp_p
     sb = torch.load(b / "state.pt", weights_only=True)
     assert (sa["epoch"], sa["batch_in_epoch"]) == (sb["epoch"], sb["batch_in_epoch"]) == (1, 8)
     assert torch.equal(sa["rng"], sb["rng"])
+    assert sa["ema_updates"].item() == sb["ema_updates"].item() == 20
     # the TensorBoard curve continues: steps 5, 10 from the first run, 15, 20 from the resumed one
     assert [e.step for e in events(split).Scalars("loss/D")] == [5, 10, 15, 20]
 
@@ -106,6 +113,7 @@ def test_resume_on_another_world_size_keeps_the_sample_position_and_takes_the_co
     # as if written by 2 ranks of batch 4 after 3 batches of the epoch: 24 samples seen
     blob.update(world_size=2, batch_size=4, batch_in_epoch=3, rng=torch.stack([blob["rng"][0]] * 2))
     torch.save(blob, ckpt / "state.pt")
+    write_checksums(ckpt)
     cfg = load_config(None, [*TINY, f"data.source={image_folder}", f"run.dir={tmp_path}"])
     accelerator = build_accelerator(cfg)
     gan_step = build_gan(cfg, accelerator)

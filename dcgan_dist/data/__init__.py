@@ -51,9 +51,11 @@ def _kill_loader_workers() -> None:
     e.g. when the traceback of an uncaught exception still holds the loader.
     """
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report these deaths as a loader failure
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
+    children = [child for child in multiprocessing.active_children() if child.daemon]
+    for child in children:
+        child.kill()
+    for child in children:
+        child.join(timeout=10)
 
 
 class BatchSource(Protocol):

@@ -15,15 +15,21 @@ if TYPE_CHECKING:
 
 def resolve_source(data: DataConfig, seed: int, accelerator: Accelerator) -> str:
     """The folder to read for `data.source`: itself, or for "synthetic" the shards of synthetic CelebA,
-    written under shards/ by the main process (seeded by `seed`) the first time while the others wait."""
+    written under shards/ by the main process (seeded by `seed`) the first time while the others wait
+    (parallel.on_main_process: if writing fails, every rank stops instead of waiting)."""
+    from dcgan_dist.parallel import on_main_process
+
     if data.source != "synthetic":
         return data.source
     root = Path("shards") / f"synthetic-{data.synthetic_count}x{data.synthetic_modes}"
     shards = root / "celeba64"
-    with accelerator.main_process_first():
-        if accelerator.is_main_process and not is_shard_folder(shards):
+
+    def write() -> None:
+        if not is_shard_folder(shards):
             print(f"[dcgan-train] writing synthetic CelebA ({data.synthetic_count} images, "
                   f"{data.synthetic_modes} modes) and its shards under {root}", flush=True)
             write_synthetic_celeba(root / "celeba", data.synthetic_count, data.synthetic_modes, seed=seed)
             build_shards(root / "celeba", shards)
+
+    on_main_process(accelerator, f"write the synthetic data under {root}", write)
     return str(shards)

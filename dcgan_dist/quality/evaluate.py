@@ -28,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--real", type=int, default=None,
                         help="real images, the first N of the split (default: the whole split)")
     parser.add_argument("--weights", choices=["raw", "ema"], default=None,
-                        help="with RUN_DIR: the raw generator (default) or its EMA (RUN_DIR/generator_ema.safetensors)")
+                        help="with RUN_DIR: G's moving average (ema) or G itself (raw); default: "
+                             "RUN_DIR/generator.safetensors, the average when the run keeps one")
     parser.add_argument("--bn", choices=["batch", "running"], default="batch",
                         help="BatchNorm statistics G samples with: each batch's own, as in training (default), "
                              "or the running averages (eval mode)")
@@ -51,7 +52,7 @@ def _check_args(args: argparse.Namespace) -> str | None:
                                ("--kid-subsets", args.kid_subsets, 1), ("--kid-subset-size", args.kid_subset_size, 2)):
         if value is not None and value < least:
             return f"{flag}: got {value}, expected at least {least}"
-    from dcgan_dist.data import MANIFEST_NAME
+    from dcgan_dist.data.manifest import MANIFEST_NAME
 
     if not (args.data / MANIFEST_NAME).is_file():
         return f"--data {args.data}: no {MANIFEST_NAME}, expected a shard folder written by dcgan-shards build"
@@ -126,7 +127,7 @@ def evaluate(args: argparse.Namespace, log) -> dict:
     kid_mean, kid_std = distances.kid(real.features, fake, subsets=args.kid_subsets, subset_size=args.kid_subset_size,
                                       seed=args.seed, device=device)
     result = {
-        "weights": {"path": str(file), "sha256": sha256, "selected": args.weights or ("raw" if args.weights_path.is_dir() else "file")},
+        "weights": {"path": str(file), "sha256": sha256, "selected": generator.weights_kind(file)},
         "data": {"shards": str(args.data), "split": args.split, "real": real.count,
                  "manifest_sha256": real.manifest_sha256, "reference_stats": str(real.path) if real.path else None},
         "settings": {"samples": args.samples, "seed": args.seed, "bn": args.bn, "batch_size": args.batch_size,

@@ -1,8 +1,11 @@
 """Which generator weights, and how images are drawn from them.
 
-Weights: a run directory holds the export RUN/generator.safetensors (`--weights raw`, written at every
-checkpoint) and, for runs that keep an exponential moving average of G, RUN/generator_ema.safetensors
-(`--weights ema`). A .safetensors file given directly is used as it is.
+Weights: a run directory holds the export RUN/generator.safetensors, written at every checkpoint: G's
+exponential moving average when the run keeps one (model.ema_decay > 0), else G itself; the export's
+metadata says which. An EMA run also holds G itself as RUN/generator_raw.safetensors. With a run
+directory, no `--weights` takes RUN/generator.safetensors (the run's best guess), `--weights ema` the
+average (an error for a run without one) and `--weights raw` G itself. A .safetensors file given
+directly is used as it is.
 
 BatchNorm statistics (`bn`), always explicit because they change the images:
 
@@ -24,33 +27,46 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dcgan_dist.checkpoint import GENERATOR_EXPORT, load_generator
+from dcgan_dist.checkpoint import GENERATOR_EXPORT, RAW_GENERATOR_EXPORT, export_weights, load_generator
 from dcgan_dist.errors import summary
 from dcgan_dist.imaging import to_unit
 from dcgan_dist.models import sample_with_batch_statistics
 from dcgan_dist.quality import QualityError
 
-EMA_EXPORT = "generator_ema.safetensors"
 WEIGHTS = ("raw", "ema")
 BN_MODES = ("batch", "running")
 BATCH_SIZE = 64  # the trainer's fixed-noise grid
 
 
 def weights_file(path: Path, weights: str | None) -> Path:
-    """The .safetensors file for a run directory and `weights` (raw when None), or the file given."""
+    """The .safetensors file for a run directory and `weights` (None: the run's export, the EMA when it
+    keeps one), or the file given."""
     path = Path(path)
     if path.is_dir():
-        file = path / (EMA_EXPORT if weights == "ema" else GENERATOR_EXPORT)
+        raw = path / RAW_GENERATOR_EXPORT
+        if weights == "raw" and raw.is_file():
+            return raw
+        file = path / GENERATOR_EXPORT
         if not file.is_file():
-            if weights == "ema":
-                raise QualityError(f"{file}: absent, this run keeps no EMA generator (use --weights raw)")
             raise QualityError(f"{file}: absent, expected the generator export written at each checkpoint")
+        if weights == "ema" and weights_kind(file) != "ema":
+            raise QualityError(f"{file}: holds G itself, this run keeps no moving average of G "
+                               "(model.ema_decay 0); use --weights raw")
         return file
     if not path.is_file():
         raise QualityError(f"{path}: no such file or run directory, expected RUN_DIR or a G .safetensors file")
-    if weights == "ema":
-        raise QualityError(f"--weights ema: selects RUN_DIR/{EMA_EXPORT}; {path} is a file, pass it without --weights")
+    if weights is not None:
+        raise QualityError(f"--weights {weights}: selects a file in RUN_DIR; {path} is a file, "
+                           "pass it without --weights")
     return path
+
+
+def weights_kind(path: Path) -> str:
+    """"ema" or "raw": which weights a generator export holds (its metadata)."""
+    try:
+        return export_weights(path)
+    except Exception as e:  # safetensors raises its own types for a damaged header
+        raise QualityError(f"{path}: not a dcgan_dist generator export ({summary(e)})") from None
 
 
 def load(path: Path) -> tuple[nn.Module, str]:

@@ -24,9 +24,8 @@ from typing import Callable
 
 import numpy as np
 
-from dcgan_dist.data import MANIFEST_NAME
 from dcgan_dist.data.loader import read_samples  # the data package's public reader (only import of it)
-from dcgan_dist.data.manifest import read_manifest
+from dcgan_dist.data.manifest import MANIFEST_NAME, read_manifest
 from dcgan_dist.errors import summary
 from dcgan_dist.fileio import atomic_path
 from dcgan_dist.quality import QualityError

@@ -36,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out-dir", type=Path, metavar="DIR", help="--count: a new or empty folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of the latents (default %(default)s)")
     parser.add_argument("--weights", choices=["raw", "ema"], default=None,
-                        help="with RUN_DIR: the raw generator (default) or its EMA (RUN_DIR/generator_ema.safetensors)")
+                        help="with RUN_DIR: G's moving average (ema) or G itself (raw); default: "
+                             "RUN_DIR/generator.safetensors, the average when the run keeps one")
     parser.add_argument("--bn", choices=["batch", "running"], default="batch",
                         help="BatchNorm statistics: each batch's own, as in training (default), or running averages")
     parser.add_argument("--batch-size", type=int, default=64,
