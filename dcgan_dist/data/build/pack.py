@@ -36,7 +36,7 @@ from dcgan_dist.data.build.synth import SYNTH_JSON
 from dcgan_dist.data.build.workers import default_workers, ordered_map, process_pool
 from dcgan_dist.data.images import lab_resize
 from dcgan_dist.data.manifest import JOURNAL_NAME, MANIFEST_NAME, load_manifest, write_manifest
-from dcgan_dist.fileio import atomic_write, fsync_dir
+from dcgan_dist.fileio import atomic_write, fsync_dir, sha256_of
 
 STAGING_NAME = ".dcgan-shards-staging"  # new shards of a build in progress, until the build completes
 SHARD_NAME = re.compile(r"celeba64-(train|valid|test)-\d{6}\.tar")
@@ -113,14 +113,6 @@ def _plan_hash(settings: dict, samples: list[Sample]) -> str:
     """What a shard was built from: the settings and its inputs (names, sizes, labels)."""
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     h.update("\n".join(map(repr, samples)).encode())
-    return h.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
     return h.hexdigest()
 
 
@@ -325,7 +317,7 @@ def _reusable(out: Path, candidates: list[dict], start: int, settings: dict,
                     and all(k in old for k in (*SHARD_FIELDS, "skipped"))):
                 continue
             for staged, path in ((False, out / old["name"]), (True, out / STAGING_NAME / old["name"])):
-                if path.is_file() and path.stat().st_size == old["bytes"] and file_sha256(path) == old["sha256"]:
+                if path.is_file() and path.stat().st_size == old["bytes"] and sha256_of(path) == old["sha256"]:
                     return old, staged
         except (TypeError, KeyError, ValueError):
             continue

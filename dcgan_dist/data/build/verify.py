@@ -12,9 +12,10 @@ from PIL import Image
 
 from dcgan_dist.data.build import ShardError
 from dcgan_dist.data.build.celeba import SPLITS
-from dcgan_dist.data.build.pack import SHARD_NAME, file_sha256
+from dcgan_dist.data.build.pack import SHARD_NAME
 from dcgan_dist.data.build.workers import default_workers, ordered_map, process_pool
 from dcgan_dist.data.manifest import MANIFEST_NAME, load_manifest
+from dcgan_dist.fileio import sha256_of
 
 def _check_image(data: bytes, ext: str, size: int) -> str | None:
     """Why an image member is bad, or None."""
@@ -42,7 +43,7 @@ def _check_shard(task: tuple[Path, str, dict, str, int]) -> list[str]:
     problems = []
     if path.stat().st_size != entry["bytes"]:
         problems.append(f"{name}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
-    elif file_sha256(path) != entry["sha256"]:
+    elif sha256_of(path) != entry["sha256"]:
         problems.append(f"{name}: sha256 differs from the manifest's")
     members: dict[str, dict[str, bytes]] = {}
     try:
