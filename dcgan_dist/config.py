@@ -71,6 +71,7 @@ class DataConfig:
     pin_memory: bool = True
     split: str = "train"
     shuffle_buffer: int = field(default=4096, metadata=check(_non_negative))  # shard samples mixed per loader worker; 0: shard order
+    strict: bool = False  # a damaged shard sample stops the run instead of being replaced
 
 
 @dataclass

@@ -21,10 +21,12 @@ from torchvision import transforms
 from conftest import shared_path
 from dcgan_dist.data.build import ShardError
 from dcgan_dist.data.build.cli import main
-from dcgan_dist.data.build.pack import build_shards
+from dcgan_dist.data.build.pack import STAGING_NAME, build_shards
 from dcgan_dist.data.build.synth import write_synthetic_celeba
 from dcgan_dist.data.build.verify import verify_shards
-from dcgan_dist.data.manifest import MANIFEST_NAME
+from dcgan_dist.config import ConfigError, DataConfig
+from dcgan_dist.data import make_batch_source
+from dcgan_dist.data.manifest import JOURNAL_NAME, MANIFEST_NAME
 
 COUNT = 150
 LISTS = ("list_eval_partition.txt", "list_attr_celeba.txt", "identity_CelebA.txt",
@@ -243,12 +245,86 @@ def test_interrupted_build_leaves_no_partial_shard_or_manifest_and_resumes(relea
 
     with pytest.raises(KeyboardInterrupt):
         build_shards(release, out, shard_size=50, workers=2, log=interrupt)
-    assert not (out / MANIFEST_NAME).exists() and not list(out.glob("*.tmp"))
-    assert (out / "celeba64-train-000000.tar").read_bytes() == (built / "celeba64-train-000000.tar").read_bytes()
+    assert not (out / MANIFEST_NAME).exists() and not list(out.rglob("*.tmp")) and not list(out.glob("*.tar"))
+    staged = out / STAGING_NAME / "celeba64-train-000000.tar"  # the finished shard waits for the build to complete
+    assert staged.read_bytes() == (built / "celeba64-train-000000.tar").read_bytes()
+    with pytest.raises(ConfigError, match=r"holds shards but no manifest.json: an interrupted build\? run dcgan-shards"):
+        make_batch_source(DataConfig(source=str(out)), batch_size=8, rank=0, world_size=1, seed=0)
     log = []
     build_shards(release, out, shard_size=50, workers=2, log=log.append)
     assert any(line.startswith("kept 1 complete shards") for line in log)
     assert tar_bytes(out) == tar_bytes(built) and verify_shards(out) == []
+    assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".tar")) == [MANIFEST_NAME]
+
+
+def test_a_failed_rebuild_leaves_the_previous_build_usable(release, tmp_path):
+    """The previous manifest and the shards it names stay as they were until a new build completes."""
+    source = copy_release(release, tmp_path / "src")
+    (source / "img_align_celeba" / "000007.jpg").write_text("not a picture\n")
+    out = tmp_path / "out"
+    build_shards(source, out, shard_size=50, workers=2)  # skips 000007.jpg
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    # the same options under --strict: the kept shards' recorded skip is fatal, before anything is written
+    with pytest.raises(ShardError, match=r"^img_align_celeba/000007\.jpg: not an image .*skipped by an earlier build"):
+        build_shards(source, out, shard_size=50, workers=2, strict=True)
+    # other options under --strict: new shards are finished (000001-000005), then 000007.jpg is fatal
+    with pytest.raises(ShardError, match=r"^img_align_celeba/000007\.jpg: not an image .*\(--strict"):
+        build_shards(source, out, fmt="raw", shard_size=5, workers=2, strict=True)
+    assert (out / STAGING_NAME / "celeba64-train-000000.tar").is_file()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name not in (JOURNAL_NAME, STAGING_NAME)} == before
+    assert verify_shards(out) == []
+    src = make_batch_source(DataConfig(source=str(out), workers=0), batch_size=8, rank=0, world_size=1, seed=0)
+    assert src.format == "png" and len(list(src.batches(0))) == src.batches_per_epoch
+    log = []  # the rebuild without --strict resumes from the shard it finished and then replaces the old build
+    manifest = build_shards(source, out, fmt="raw", shard_size=5, workers=2, log=log.append)
+    assert any(line.startswith("kept 1 complete shards") for line in log) and manifest["format"] == "npy"
+    assert verify_shards(out) == []  # which also finds no shard of the old build left beside the new one
+    assert not (out / STAGING_NAME).exists() and not (out / JOURNAL_NAME).exists()
+
+
+def test_a_rebuild_adds_checksums_to_shards_built_without_them(release, built, tmp_path):
+    out = shutil.copytree(built, tmp_path / "old")
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    for split in manifest["splits"].values():
+        for entry in split["shards"]:
+            del entry["crc32"]
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert any("no per-member checksums" in p for p in verify_shards(out))
+    log = []
+    build_shards(release, out, shard_size=50, workers=2, log=log.append)
+    assert not any(line.startswith("kept") for line in log)  # re-encoded: the old entries lack what is needed
+    assert tar_bytes(out) == tar_bytes(built) and (out / MANIFEST_NAME).read_bytes() == (built / MANIFEST_NAME).read_bytes()
+
+
+def test_command_line_edge_cases_are_one_line_errors_that_write_nothing(release, tmp_path, capsys):
+    def build(source: Path, out: Path, *extra: str) -> str:
+        assert main(["build", "--source", str(source), "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("dcgan-shards: error: ")
+        return err[len("dcgan-shards: error: "):].rstrip("\n")
+
+    source = copy_release(release, tmp_path / "src")
+    partition = source / "list_eval_partition.txt"
+    good = partition.read_bytes()
+    partition.write_bytes(good.replace(b"000004.jpg 0", b"00\xe9004.jpg 0"))  # Latin-1, not UTF-8
+    assert build(source, tmp_path / "out") == (f"{partition} line 4: not UTF-8 text (byte 0xe9), expected a CelebA "
+                                               "list in plain text")
+    partition.write_bytes(b"")
+    assert build(source, tmp_path / "out") == f"{partition}: no rows, expected a line per image (an empty or placeholder file?)"
+    partition.write_bytes(b"999999.jpg 0\n")  # lists no image that is there
+    assert build(source, tmp_path / "out", "--allow-missing").startswith(f"{source}: no images to build from")
+    assert not (tmp_path / "out").exists()
+    partition.write_bytes(good)
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine")
+    assert build(source, taken) == f"{taken}: exists and is not a folder, expected a folder for the shards (--out)"
+    assert build(source, taken / "shards").startswith(f"{taken / 'shards'}: cannot create the shard folder (")
+    assert taken.read_text() == "mine"
+    out = tmp_path / "no-manifest"
+    out.mkdir()
+    (out / "celeba64-train-000000.tar").write_bytes(b"")  # shards, and no manifest
+    with pytest.raises(ConfigError, match=r"^config key 'data.source': .* holds shards but no manifest.json"):
+        make_batch_source(DataConfig(source=str(out)), batch_size=8, rank=0, world_size=1, seed=0)
 
 
 def test_verify_catches_a_flipped_byte_and_a_truncated_tar(built, tmp_path, capsys):

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Protocol
 
 from dcgan_dist.config import ConfigError, DataConfig
-from dcgan_dist.data.manifest import is_shard_folder
+from dcgan_dist.data.manifest import JOURNAL_NAME, MANIFEST_NAME, is_shard_folder
 
 if TYPE_CHECKING:
     import torch
@@ -80,6 +80,9 @@ class BatchSource(Protocol):
 def make_batch_source(cfg: DataConfig, *, batch_size: int, rank: int, world_size: int, seed: int) -> BatchSource:
     """Pick the source for `data.source`: a shard folder (has manifest.json) or a folder of images."""
     path = Path(cfg.source)
+    if path.is_dir() and not is_shard_folder(path) and ((path / JOURNAL_NAME).exists() or any(path.glob("*.tar"))):
+        raise ConfigError(f"config key 'data.source': {path} holds shards but no {MANIFEST_NAME}: an interrupted "
+                          "build? run dcgan-shards build again (it keeps the complete shards)")
     if is_shard_folder(path):
         from dcgan_dist.data.loader import ShardBatchSource
 

@@ -3,11 +3,13 @@
 `dcgan-shards build` writes it last, so it never describes tars that are not there; the loader,
 the trainer's choice of source, `dcgan-shards verify` and the diagnostics read it through here.
 It names the image format and size, and per split the shard files with their sample counts,
-byte sizes and sha256.
+byte sizes, sha256 and each member's `zlib.crc32` (`crc32`: per member extension, a list in tar
+order), which the loader checks before it decodes a byte.
 """
 from __future__ import annotations
 
 import json
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from dcgan_dist.config import ConfigError
 from dcgan_dist.fileio import atomic_write
 
 MANIFEST_NAME = "manifest.json"  # what makes a folder a shard folder
+JOURNAL_NAME = ".dcgan-shards-journal.jsonl"  # a build in progress (or interrupted): its finished shards
 IMAGE_FORMATS = ("png", "jpg", "npy")  # image member extensions the loader decodes
 SIZE = 64  # the model's image side; shards of another size are refused at read time
 
@@ -23,6 +26,8 @@ SIZE = 64  # the model's image side; shards of another size are refused at read 
 class ShardFile:
     path: Path
     samples: int
+    crc32: dict[str, array] | None = None  # member extension -> each sample's zlib.crc32, in tar order
+    size_note: str | None = None  # the file's size differs from the manifest's, tolerated: its samples are checked
 
 
 def is_shard_folder(folder: Path | str) -> bool:
@@ -48,8 +53,32 @@ def _bad_manifest(path: Path, what: str) -> ConfigError:
     return ConfigError(f"shard folder {path}: {MANIFEST_NAME} {what}")
 
 
-def read_manifest(path: Path, split: str) -> tuple[str, list[ShardFile]]:
-    """The image format and the shard files of `split`, each checked to exist with the listed size."""
+def _checksums(path: Path, where: str, crc32: object, members: tuple[str, str], samples: int) -> dict[str, array]:
+    """A shard entry's `crc32`, checked: per member extension, one unsigned 32-bit integer per sample."""
+    if not isinstance(crc32, dict) or sorted(crc32) != sorted(members):
+        shape = ", ".join(f"{m!r}: [...]" for m in members)
+        raise _bad_manifest(path, f"{where}: crc32 {str(crc32)[:60]!r}, expected {{{shape}}}")
+    out = {}
+    for member in members:
+        values = crc32[member]
+        try:
+            if not isinstance(values, list) or len(values) != samples:
+                raise ValueError
+            out[member] = array("Q", values)  # raises for anything but integers in [0, 2**64)
+            if out[member] and max(out[member]) >= 2 ** 32:
+                raise ValueError
+        except (ValueError, TypeError, OverflowError):
+            raise _bad_manifest(path, f"{where}: crc32.{member}, expected {samples} integers in [0, 2**32), "
+                                "one per sample") from None
+    return out
+
+
+def read_manifest(path: Path, split: str, *, strict: bool = False) -> tuple[str, list[ShardFile]]:
+    """The image format and the shard files of `split`, each checked to exist.
+
+    A shard whose size differs from the manifest's is refused when its members have no checksums or
+    under `strict`; otherwise it is read, and its damaged or missing samples are found one by one.
+    """
     path = Path(path)
     try:
         manifest = load_manifest(path)
@@ -76,11 +105,17 @@ def read_manifest(path: Path, split: str) -> tuple[str, list[ShardFile]]:
             raise _bad_manifest(path, f"{where}: name {name!r}, expected a file name in the folder")
         if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
             raise _bad_manifest(path, f"{where}: samples {samples!r}, expected an integer >= 0")
+        crc32 = _checksums(path, where, entry["crc32"], (fmt, "json"), samples) if "crc32" in entry else None
         file = path / name
         if not file.is_file():
             raise ConfigError(f"shard {file}: missing (listed in {path / MANIFEST_NAME})")
-        expected = entry.get("bytes")
-        if isinstance(expected, int) and file.stat().st_size != expected:
-            raise ConfigError(f"shard {file}: {file.stat().st_size} bytes, {MANIFEST_NAME} says {expected} (damaged or replaced)")
-        shards.append(ShardFile(file, samples))
+        expected, found = entry.get("bytes"), file.stat().st_size
+        size_note = None
+        if isinstance(expected, int) and found != expected:
+            size_note = f"shard {file}: {found} bytes, {MANIFEST_NAME} says {expected}"
+            if crc32 is None:
+                raise ConfigError(f"{size_note} (damaged or replaced)")
+            if strict:
+                raise ConfigError(f"{size_note} (damaged or replaced; data.strict: true refuses it)")
+        shards.append(ShardFile(file, samples, crc32, size_note))
     return fmt, shards

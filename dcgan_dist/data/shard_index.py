@@ -5,8 +5,11 @@ reader is the fallback for pax or GNU members). Only `{key}.json` and `{key}.{ma
 members are looked at; any other member (`.pickle`, `.pyd`, `.pth`, ...) is skipped by offset and
 never read into an object. For npy shards the index also finds, for the whole shard at once, the
 payloads that are exactly what `np.save` writes for uint8 (64, 64, 3), so a batch's pixels are
-gathered with one strided view instead of parsing each array. Problems raise `ConfigError` naming
-the file.
+gathered with one strided view instead of parsing each array.
+
+`ShardSamples.damage` says whether a sample's bytes can be trusted before anything decodes them:
+each member's `zlib.crc32` against the manifest's, and, for a truncated shard, which samples are
+missing. Problems with the shard as a whole raise `ConfigError` naming the file.
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ import mmap
 import os
 import struct
 import tarfile
+import zlib
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,15 +46,16 @@ NPY_HEADER = _npy_header()
 _USTAR = struct.Struct("100s24x12s20xc100x6s82x155s")  # name, size, typeflag, magic, prefix
 
 
-def _ustar_members(data) -> tuple[list[str], list[int], list[int]] | None:
-    """Names, payload starts and ends of the regular members of a plain ustar archive; None if it is not one."""
+def _ustar_members(data) -> tuple[list[str], list[int], list[int], bool] | None:
+    """Names, payload starts and ends of the regular members of a plain ustar archive, and whether it is
+    complete (ends in an end-of-archive block); a truncated one gives its whole members. None if it is not ustar."""
     names, starts, ends = [], [], []
     pos, size = 0, len(data)
     unpack = _USTAR.unpack_from
     while pos + 512 <= size:
         name, length, flag, magic, prefix = unpack(data, pos)
         if name[0] == 0:  # end-of-archive block
-            break
+            return names, starts, ends, True
         if magic[:5] != b"ustar" or flag not in (b"0", b"\0", b"5"):
             return None  # pax or GNU extensions, links, a damaged header: the general reader decides
         try:
@@ -58,7 +64,7 @@ def _ustar_members(data) -> tuple[list[str], list[int], list[int]] | None:
             return None
         pos += 512
         if pos + length > size:
-            return None
+            break
         if flag != b"5":
             name = name.rstrip(b"\0")
             if prefix[0]:
@@ -67,7 +73,7 @@ def _ustar_members(data) -> tuple[list[str], list[int], list[int]] | None:
             starts.append(pos)
             ends.append(pos + length)
         pos += (length + 511) // 512 * 512
-    return names, starts, ends
+    return names, starts, ends, False
 
 
 def _tar_members(path: Path, wanted: tuple[str, ...]) -> tuple[bytes, list[str], list[int], list[int]]:
@@ -91,18 +97,42 @@ class ShardSamples:
     """One shard's samples in tar order: keys, and where each one's image and json lie in `data`.
 
     `data` is the shard mapped read-only (page cache, no copy) or, for a non-ustar shard, the
-    wanted payloads; members other than json and the image format are never read from it.
+    wanted payloads; members other than json and the image format are never read from it. A
+    truncated shard has fewer keys than `expected`: the samples past its end are missing.
     """
 
     path: Path
+    fmt: str
     data: bytes | mmap.mmap
     keys: list[str]
     image_starts: list[int]
     image_ends: list[int]
     meta_starts: list[int]
     meta_ends: list[int]
+    expected: int = 0  # samples the manifest lists (set by index_shard)
+    crc32: dict[str, array] | None = None  # the manifest's checksums: member extension -> one per sample
     pixel_rows: np.ndarray | None = None  # npy: row r = the PIXELS bytes after a canonical header at byte 512 r
     rows: list[int] | None = None  # npy: sample i's row in pixel_rows, -1 where the fast path does not apply
+
+    def __post_init__(self) -> None:
+        self._view = memoryview(self.data)  # slices without copies, for the checksums
+
+    def damage(self, i: int, *, meta: bool = False) -> str | None:
+        """Why sample i's image (and with `meta` its json) cannot be trusted, naming shard and member; None if it can.
+
+        Unchecked, None, when the manifest has no checksums (shards built before they were recorded).
+        """
+        if i >= len(self.keys):
+            return (f"shard {self.path}: sample {i + 1} of {self.expected} is missing, the shard ends at byte "
+                    f"{len(self.data)} (truncated)")
+        if self.crc32 is None:
+            return None
+        members = ((self.fmt, self.image_starts, self.image_ends),) + (("json", self.meta_starts, self.meta_ends),) * meta
+        for ext, starts, ends in members:
+            found, listed = zlib.crc32(self._view[starts[i]:ends[i]]), self.crc32[ext][i]
+            if found != listed:
+                return f"shard {self.path}: {self.keys[i]}.{ext} has crc32 {found:08x}, {MANIFEST_NAME} says {listed:08x}"
+        return None
 
     def meta(self, i: int) -> dict:
         try:
@@ -111,15 +141,21 @@ class ShardSamples:
             raise ConfigError(f"shard {self.path}: {self.keys[i]}.json is not JSON ({e})") from None
 
 
-def index_shard(path: Path, fmt: str, expected: int | None = None) -> ShardSamples:
-    """Group the shard's members into samples (`{key}.json` + `{key}.{fmt}`); ignore any other member."""
+def index_shard(path: Path, fmt: str, expected: int | None = None,
+                crc32: dict[str, array] | None = None) -> ShardSamples:
+    """Group the shard's members into samples (`{key}.json` + `{key}.{fmt}`); ignore any other member.
+
+    `expected`: the manifest's sample count; a shard cut short may hold fewer (see `ShardSamples.damage`),
+    a complete one must hold exactly that many. `crc32`: the manifest's checksums, for `damage`.
+    """
     with open(path, "rb") as f:
         data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
     members = _ustar_members(data)
     if members is None:
         data, *members = _tar_members(path, (fmt, "json"))
-    names, starts, ends = members
-    out = ShardSamples(path, data, [], [], [], [], [])
+        members.append(True)
+    names, starts, ends, complete = members
+    out = ShardSamples(path, fmt, data, [], [], [], [], [], crc32=crc32)
     key, image, meta = None, -1, -1
     for i, name in enumerate(names + [None]):  # None: flushes the last sample
         if name is not None:
@@ -137,6 +173,8 @@ def index_shard(path: Path, fmt: str, expected: int | None = None) -> ShardSampl
                 continue
         if key is not None:
             if image < 0 or meta < 0:
+                if name is None and not complete:
+                    break  # the last sample lost a member to the truncation: it is missing
                 raise ConfigError(f"shard {path}: sample {key!r} lacks {key}.{fmt if image < 0 else 'json'}, "
                                   f"expected {key}.json and {key}.{fmt}")
             out.keys.append(key)
@@ -146,8 +184,9 @@ def index_shard(path: Path, fmt: str, expected: int | None = None) -> ShardSampl
             out.meta_ends.append(ends[meta])
         if name is not None:
             key, image, meta = sample, (i if ext == fmt else -1), (i if ext == "json" else -1)
-    if expected is not None and len(out.keys) != expected:
+    if expected is not None and (len(out.keys) > expected or (complete and len(out.keys) != expected)):
         raise ConfigError(f"shard {path}: {len(out.keys)} samples, {MANIFEST_NAME} says {expected}")
+    out.expected = len(out.keys) if expected is None else expected
     if fmt == "npy":
         _map_npy_rows(out)
     return out

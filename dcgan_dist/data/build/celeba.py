@@ -8,6 +8,7 @@ with line-numbered errors, so a damaged download is named instead of silently mi
 from __future__ import annotations
 
 import gc
+import io
 import os
 import zipfile
 from contextlib import contextmanager
@@ -162,11 +163,17 @@ def read_table(path: Path, *, counted: bool) -> tuple[list[str] | None, list[tup
     holding the row count and one of column names; a .csv (Kaggle's copy) opens with a header.
     """
     csv = path.suffix.lower() == ".csv"
-    with open(path, encoding="utf-8") as f:
-        if csv:
-            lines = [(n, [v.strip() for v in line.split(",")]) for n, line in enumerate(f, 1) if line.strip()]
-        else:
-            lines = [(n, fields) for n, line in enumerate(f, 1) if (fields := line.split())]
+    data = path.read_bytes()
+    try:
+        text = io.StringIO(data.decode("utf-8-sig"), newline=None)  # universal newlines, as open() reads text
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ShardError(f"{path} line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}), "
+                         "expected a CelebA list in plain text") from None
+    if csv:
+        lines = [(n, [v.strip() for v in line.split(",")]) for n, line in enumerate(text, 1) if line.strip()]
+    else:
+        lines = [(n, fields) for n, line in enumerate(text, 1) if (fields := line.split())]
     names, count = None, None
     if csv or counted:
         if counted and not csv:
@@ -178,6 +185,8 @@ def read_table(path: Path, *, counted: bool) -> tuple[list[str] | None, list[tup
         names = lines.pop(0)[1]
         names = names[1:] if names and names[0] == "image_id" else names
     rows = [(n, fields[0], fields[1:]) for n, fields in lines]
+    if not rows:
+        raise ShardError(f"{path}: no rows, expected a line per image (an empty or placeholder file?)")
     if count is not None and count != len(rows):
         raise ShardError(f"{path} line 1: says {count} rows, found {len(rows)} (a truncated or edited file?)")
     return names, rows

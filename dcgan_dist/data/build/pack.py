@@ -2,9 +2,12 @@
 
 Preprocessing (the lab's Resize + CenterCrop, `images.lab_resize`) happens once, here, so training
 only decodes 64x64 samples. Builds are parallel, deterministic (byte-identical tars for the same input and
-options) and resumable: each shard is written under a temporary name and renamed when
-complete, a journal records finished shards so an interrupted build picks up where it
-stopped, and manifest.json is written last, so it never describes tars that are not there.
+options) and resumable: each new shard is written under a temporary name in a staging folder and
+renamed when complete, a journal records finished shards so an interrupted build picks up where it
+stopped, and only a complete build replaces the previous one: its manifest and the shards it names
+stay untouched until then, when the staged shards move into place and manifest.json is written last,
+so it never describes tars that are not there. The manifest records each member's crc32, which the
+loader checks before decoding.
 """
 from __future__ import annotations
 
@@ -13,8 +16,10 @@ import io
 import json
 import os
 import re
+import shutil
 import tarfile
 import time
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -30,10 +35,10 @@ from dcgan_dist.data.build.celeba import (SPLITS, CelebaLists, CelebaSource, fin
 from dcgan_dist.data.build.synth import SYNTH_JSON
 from dcgan_dist.data.build.workers import default_workers, ordered_map, process_pool
 from dcgan_dist.data.images import lab_resize
-from dcgan_dist.data.manifest import MANIFEST_NAME, load_manifest, write_manifest
-from dcgan_dist.fileio import atomic_write, fsync_dir
+from dcgan_dist.data.manifest import JOURNAL_NAME, MANIFEST_NAME, load_manifest, write_manifest
+from dcgan_dist.fileio import atomic_write, fsync_dir, sha256_of
 
-JOURNAL_NAME = ".dcgan-shards-journal.jsonl"  # finished shards of a build in progress
+STAGING_NAME = ".dcgan-shards-staging"  # new shards of a build in progress, until the build completes
 SHARD_NAME = re.compile(r"celeba64-(train|valid|test)-\d{6}\.tar")
 TOOL = f"dcgan_dist {dcgan_dist.__version__}"
 FORMATS = {"png": "png", "jpg": "jpg", "raw": "npy", "npy": "npy"}  # CLI name -> member extension
@@ -42,7 +47,7 @@ PNG_OPTIONS = {"compress_level": 1, "compress_type": 3}  # zlib level 1, Z_RLE: 
 JPG_OPTIONS = {"quality": 95, "subsampling": 0}
 CHUNK = 64  # images per worker task: small enough to balance, large enough to amortise the hand-off
 MAX_KEY_BYTES = 95  # ustar member names hold 100 bytes, extension included
-SHARD_FIELDS = ("name", "samples", "bytes", "sha256", "inputs", "plan")
+SHARD_FIELDS = ("name", "samples", "bytes", "sha256", "crc32", "inputs", "plan")
 
 
 class Sample(NamedTuple):
@@ -111,28 +116,20 @@ def _plan_hash(settings: dict, samples: list[Sample]) -> str:
     return h.hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _previous_shards(out: Path) -> dict[str, dict]:
-    """Finished shards of earlier builds into `out` (the manifest, then the journal), by name, with their skips."""
-    found: dict[str, dict] = {}
+def _previous_shards(out: Path) -> dict[str, list[dict]]:
+    """Finished shards of earlier builds into `out` (the manifest's, then the journal's), by name, with their skips."""
+    found: dict[str, list[dict]] = {}
     try:
         manifest = load_manifest(out)
         for split in manifest["splits"].values():
             for entry in split["shards"]:
-                found[entry["name"]] = {**entry, "skipped": manifest.get("skipped", [])}
+                found.setdefault(entry["name"], []).append({**entry, "skipped": manifest.get("skipped", [])})
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass  # no usable manifest: nothing to reuse from it
     try:
         for line in (out / JOURNAL_NAME).read_text().splitlines():
             entry = json.loads(line)
-            found[entry["name"]] = entry
+            found.setdefault(entry["name"], []).append(entry)
     except (OSError, ValueError, KeyError, TypeError):
         pass  # a torn last line only costs rebuilding that shard
     return found
@@ -173,8 +170,8 @@ def _decode(data: bytes) -> Image.Image | str:
         return f"{kind} ({type(e).__name__}: {e})"
 
 
-def _encode_sample(sample: Sample) -> bytes | str:
-    """The sample's tar members (json + image), or why it was skipped."""
+def _encode_sample(sample: Sample) -> tuple[bytes, dict[str, int]] | str:
+    """The sample's tar members (json + image) and each member's crc32 by extension, or why it was skipped."""
     w = _worker
     try:
         data = w["read"](sample.member)
@@ -199,10 +196,11 @@ def _encode_sample(sample: Sample) -> bytes | str:
              "attributes": dict(zip(names, sample.attributes)) if names and sample.attributes else None,
              "identity": sample.identity, "landmarks": sample.landmarks, "bbox": sample.bbox}
     members = {"json": json.dumps(label, separators=(",", ":")).encode(), w["ext"]: buf.getvalue()}
-    return b"".join(_tar_member(f"{sample.key}.{ext}", members[ext]) for ext in sorted(members))
+    return (b"".join(_tar_member(f"{sample.key}.{ext}", members[ext]) for ext in sorted(members)),
+            {ext: zlib.crc32(data) for ext, data in members.items()})
 
 
-def _encode_chunk(task: tuple[str, int, list[Sample]]) -> tuple[str, int, list[bytes | str]]:
+def _encode_chunk(task: tuple[str, int, list[Sample]]) -> tuple[str, int, list[tuple[bytes, dict[str, int]] | str]]:
     split, position, samples = task
     return split, position, [_encode_sample(s) for s in samples]
 
@@ -217,6 +215,14 @@ class _ShardFile:
         self.path, self.tmp = path, path.with_name(path.name + ".tmp")
         self.file = open(self.tmp, "wb")
         self.sha, self.bytes, self.samples = hashlib.sha256(), 0, 0
+        self.crc32: dict[str, list[int]] = {}
+
+    def add(self, members: bytes, crc32: dict[str, int]) -> None:
+        """Append one sample's members, with their crc32 by extension."""
+        self.write(members)
+        self.samples += 1
+        for ext, crc in crc32.items():
+            self.crc32.setdefault(ext, []).append(crc)
 
     def write(self, data: bytes) -> None:
         self.file.write(data)
@@ -231,7 +237,8 @@ class _ShardFile:
         self.file.close()
         os.replace(self.tmp, self.path)
         fsync_dir(self.path.parent)
-        return {"name": self.path.name, "samples": self.samples, "bytes": self.bytes, "sha256": self.sha.hexdigest()}
+        return {"name": self.path.name, "samples": self.samples, "bytes": self.bytes, "sha256": self.sha.hexdigest(),
+                "crc32": self.crc32, "staged": True}
 
     def abort(self) -> None:
         self.file.close()
@@ -239,17 +246,18 @@ class _ShardFile:
 
 
 class _SplitWriter:
-    """Cuts one split's encoded samples, in order, into shards of `shard_size`, journalling each finished one."""
+    """Cuts one split's encoded samples, in order, into shards of `shard_size` in the staging folder,
+    journalling each finished one."""
 
-    def __init__(self, out: Path, split: str, samples: list[Sample], settings: dict, journal, *,
+    def __init__(self, staging: Path, split: str, samples: list[Sample], settings: dict, journal, *,
                  shard_size: int, start: int, index: int, display: Callable[[str], str]):
-        self.out, self.split, self.samples, self.settings, self.journal = out, split, samples, settings, journal
+        self.staging, self.split, self.samples, self.settings, self.journal = staging, split, samples, settings, journal
         self.shard_size, self.start, self.index, self.display = shard_size, start, index, display
         self.current: _ShardFile | None = None
         self.pending_skips: list[dict] = []  # inputs skipped since the last finished shard
         self.finished: list[dict] = []  # shard entries, each with the skips among its inputs
 
-    def add(self, position: int, result: bytes | str, strict: bool) -> None:
+    def add(self, position: int, result: tuple[bytes, dict[str, int]] | str, strict: bool) -> None:
         if isinstance(result, str):
             skip = {"file": self.display(self.samples[position].member), "reason": result}
             if strict:
@@ -257,9 +265,8 @@ class _SplitWriter:
             self.pending_skips.append(skip)
             return
         if self.current is None:
-            self.current = _ShardFile(self.out / shard_name(self.split, self.index))
-        self.current.write(result)
-        self.current.samples += 1
+            self.current = _ShardFile(self.staging / shard_name(self.split, self.index))
+        self.current.add(*result)
         if self.current.samples == self.shard_size:
             self._close(position + 1)
 
@@ -283,25 +290,38 @@ class _SplitWriter:
             self.current.abort()
 
 
-def _reusable_prefix(out: Path, split: str, samples: list[Sample], settings: dict, previous: dict[str, dict],
+def _reusable_prefix(out: Path, split: str, samples: list[Sample], settings: dict, previous: dict[str, list[dict]],
                      display: Callable[[str], str]) -> tuple[list[dict], int]:
-    """The split's leading shards already on disk from an identical plan, with their skips; and the next input."""
+    """The split's leading shards already on disk (in `out`, or staged by an unfinished build) from an identical
+    plan, with their skips and whether they are staged; and the next input."""
     entries, start = [], 0
-    while start < len(samples):
-        old = previous.get(shard_name(split, len(entries)))
-        try:
-            begin, end = old["inputs"]
-            path = out / old["name"]
-            ok = (begin == start and end > start and old["plan"] == _plan_hash(settings, samples[start:end])
-                  and path.is_file() and path.stat().st_size == old["bytes"] and file_sha256(path) == old["sha256"])
-        except (TypeError, KeyError, ValueError):
-            ok = False
-        if not ok:
-            break
+    while start < len(samples) and (found := _reusable(out, previous.get(shard_name(split, len(entries)), []),
+                                                       start, settings, samples)):
+        old, staged = found
+        end = old["inputs"][1]
         files = {display(s.member) for s in samples[start:end]}
-        entries.append({**{k: old[k] for k in SHARD_FIELDS}, "skipped": [s for s in old["skipped"] if s["file"] in files]})
+        entries.append({**{k: old[k] for k in SHARD_FIELDS}, "staged": staged,
+                        "skipped": [s for s in old["skipped"] if s["file"] in files]})
         start = end
     return entries, start
+
+
+def _reusable(out: Path, candidates: list[dict], start: int, settings: dict,
+              samples: list[Sample]) -> tuple[dict, bool] | None:
+    """The first candidate entry made from the inputs from `start` with these settings whose file is intact, and
+    whether that file is staged; None if there is none."""
+    for old in candidates:
+        try:
+            begin, end = old["inputs"]
+            if not (begin == start and end > start and old["plan"] == _plan_hash(settings, samples[start:end])
+                    and all(k in old for k in (*SHARD_FIELDS, "skipped"))):
+                continue
+            for staged, path in ((False, out / old["name"]), (True, out / STAGING_NAME / old["name"])):
+                if path.is_file() and path.stat().st_size == old["bytes"] and sha256_of(path) == old["sha256"]:
+                    return old, staged
+        except (TypeError, KeyError, ValueError):
+            continue
+    return None
 
 
 def _run_workers(tasks: list, writers: dict[str, _SplitWriter], *, workers: int, initargs: tuple, strict: bool,
@@ -347,6 +367,9 @@ def build_shards(source: Path, out: Path, *, size: int = 64, fmt: str = "png", s
                                                    allow_missing=allow_missing)
     if strict and skipped:
         raise ShardError(f"{skipped[0]['file']}: {skipped[0]['reason']} (--strict makes skipped inputs fatal)")
+    if not any(by_split.values()):
+        raise ShardError(f"{src.path}: no images to build from, expected at least one ({len(skipped):,} not listed in "
+                         f"{lists.partition_file}, {missing['count']:,} listed but missing)")
     preprocessing = {
         "transform": f"Resize({size}) + CenterCrop({size}) (dcgan_dist.data.images.lab_resize, PIL bilinear)",
         "face_crop": f"centred square of side round({FACE_CROP_FRACTION:.4f} x shorter side), first" if crop else None,
@@ -356,17 +379,26 @@ def build_shards(source: Path, out: Path, *, size: int = 64, fmt: str = "png", s
     settings = {"tool": TOOL, "format": ext, "size": size, "preprocessing": preprocessing, "shard_size": shard_size}
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    staging = out / STAGING_NAME
+    if out.exists() and not out.is_dir():
+        raise ShardError(f"{out}: exists and is not a folder, expected a folder for the shards (--out)")
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ShardError(f"{out}: cannot create the shard folder ({type(e).__name__}: {e.strerror})") from None
     previous = _previous_shards(out)
-    for stale in out.glob("*.tmp"):  # from a killed build
+    for stale in [*out.glob("*.tmp"), *staging.glob("*.tmp")]:  # from a killed build
         if SHARD_NAME.fullmatch(stale.name[:-4]) or stale.name in (MANIFEST_NAME + ".tmp", JOURNAL_NAME + ".tmp"):
             stale.unlink()
     shards, starts = {}, {}
     for split in SPLITS:
         shards[split], starts[split] = _reusable_prefix(out, split, by_split[split], settings, previous, src.display)
+    kept_skips = [s for entries in shards.values() for e in entries for s in e["skipped"]]
+    if strict and kept_skips:
+        raise ShardError(f"{kept_skips[0]['file']}: {kept_skips[0]['reason']} (skipped by an earlier build; "
+                         "--strict makes skipped inputs fatal)")
     # The journal: the shards kept from before, then each new one as it is finished.
     atomic_write(out / JOURNAL_NAME, "".join(json.dumps(entry) + "\n" for entries in shards.values() for entry in entries))
-    (out / MANIFEST_NAME).unlink(missing_ok=True)  # from here on the tars may change
     kept = sum(len(entries) for entries in shards.values())
     if kept:
         log(f"kept {kept} complete shards from an earlier build of the same input and options")
@@ -374,7 +406,7 @@ def build_shards(source: Path, out: Path, *, size: int = 64, fmt: str = "png", s
              for p in range(starts[split], len(by_split[split]), CHUNK)]
     todo = sum(len(t[2]) for t in tasks)
     with open(out / JOURNAL_NAME, "a") as journal:
-        writers = {split: _SplitWriter(out, split, by_split[split], settings, journal, shard_size=shard_size,
+        writers = {split: _SplitWriter(staging, split, by_split[split], settings, journal, shard_size=shard_size,
                                        start=starts[split], index=len(shards[split]), display=src.display)
                    for split in SPLITS}
         try:
@@ -390,15 +422,35 @@ def build_shards(source: Path, out: Path, *, size: int = 64, fmt: str = "png", s
                 writer.abort()
             raise
     skipped += [s for entries in shards.values() for e in entries for s in e["skipped"]]
+    if not any(shards.values()):
+        raise ShardError(f"{src.path}: no image could be used, expected at least one "
+                         f"({skipped[0]['file']}: {skipped[0]['reason']}; {len(skipped):,} skipped)")
     manifest = _manifest(src, lists, ext, size, preprocessing, shards, skipped, missing)
-    names = {e["name"] for entries in shards.values() for e in entries}
+    _replace_build(out, manifest, [e for entries in shards.values() for e in entries])
+    _log_summary(log, manifest, out, todo, time.perf_counter() - started)
+    return manifest
+
+
+def _replace_build(out: Path, manifest: dict, entries: list[dict]) -> None:
+    """Put the finished build in place of the previous one: the staged shards move into `out`, shards of the
+    previous build that this one lacks are deleted, and the manifest is written last.
+
+    The previous manifest goes first, so no manifest ever names a shard being replaced; an interruption
+    in between leaves the journal, from which the next build resumes.
+    """
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
+    fsync_dir(out)
+    for entry in entries:
+        if entry["staged"]:
+            os.replace(out / STAGING_NAME / entry["name"], out / entry["name"])
+    names = {entry["name"] for entry in entries}
     for path in out.iterdir():
         if SHARD_NAME.fullmatch(path.name) and path.name not in names:
             path.unlink()  # left by an earlier build with more shards
+    fsync_dir(out)
     write_manifest(out, manifest)
     (out / JOURNAL_NAME).unlink()
-    _log_summary(log, manifest, out, todo, time.perf_counter() - started)
-    return manifest
+    shutil.rmtree(out / STAGING_NAME)
 
 
 def _manifest(src: CelebaSource, lists: CelebaLists, ext: str, size: int, preprocessing: dict,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,10 @@ from PIL import Image
 
 from dcgan_dist.data.build import ShardError
 from dcgan_dist.data.build.celeba import SPLITS
-from dcgan_dist.data.build.pack import SHARD_NAME, file_sha256
+from dcgan_dist.data.build.pack import SHARD_NAME
 from dcgan_dist.data.build.workers import default_workers, ordered_map, process_pool
 from dcgan_dist.data.manifest import MANIFEST_NAME, load_manifest
+from dcgan_dist.fileio import sha256_of
 
 def _check_image(data: bytes, ext: str, size: int) -> str | None:
     """Why an image member is bad, or None."""
@@ -41,7 +43,7 @@ def _check_shard(task: tuple[Path, str, dict, str, int]) -> list[str]:
     problems = []
     if path.stat().st_size != entry["bytes"]:
         problems.append(f"{name}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
-    elif file_sha256(path) != entry["sha256"]:
+    elif sha256_of(path) != entry["sha256"]:
         problems.append(f"{name}: sha256 differs from the manifest's")
     members: dict[str, dict[str, bytes]] = {}
     try:
@@ -51,10 +53,21 @@ def _check_shard(task: tuple[Path, str, dict, str, int]) -> list[str]:
                 members.setdefault(key, {})[member_ext] = tar.extractfile(info).read() if info.isfile() else b""
     except (tarfile.TarError, OSError, EOFError) as e:
         problems.append(f"{name}: unreadable tar ({type(e).__name__}: {e})")
-    for key, parts in members.items():
+    crc32 = entry.get("crc32")
+    if crc32 is None:
+        problems.append(f"{name}: no per-member checksums (built by an older dcgan-shards; a rebuild adds them)")
+    elif not (isinstance(crc32, dict) and all(isinstance(crc32.get(m), list) and len(crc32[m]) == entry["samples"]
+                                              and all(isinstance(v, int) for v in crc32[m]) for m in (ext, "json"))):
+        problems.append(f"{name}: crc32 is not a list of {entry['samples']} integers for each of {ext} and json")
+        crc32 = None
+    for position, (key, parts) in enumerate(members.items()):
         if sorted(parts) != sorted(["json", ext]):
             problems.append(f"{name}: sample '{key}' has members {sorted(parts)}, expected {sorted(['json', ext])}")
             continue
+        for member in (ext, "json") if crc32 is not None and position < entry["samples"] else ():
+            found, listed = zlib.crc32(parts[member]), crc32[member][position]
+            if found != listed:
+                problems.append(f"{name}: {key}.{member} has crc32 {found:08x}, manifest says {listed:08x}")
         bad = _check_image(parts[ext], ext, size)
         if bad:
             problems.append(f"{name}: {key}.{ext} {bad}")
@@ -72,8 +85,8 @@ def _check_shard(task: tuple[Path, str, dict, str, int]) -> list[str]:
 def verify_shards(out: Path, workers: int | None = None) -> list[str]:
     """Re-read every shard in `out` against manifest.json; returns the mismatches (empty: all good).
 
-    Checks sizes and sha256, that every sample has its json and image, that every image decodes
-    to (size, size, 3) uint8, the per-shard and total counts, and that no stray shards lie beside.
+    Checks sizes and sha256, that every sample has its json and image, each member's crc32, that every
+    image decodes to (size, size, 3) uint8, the per-shard and total counts, and that no stray shards lie beside.
     """
     out = Path(out)
     try:
