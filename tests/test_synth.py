@@ -15,7 +15,7 @@ from torchvision import transforms
 
 from dcgan_dist.config import DataConfig
 from dcgan_dist.data.build.cli import main
-from dcgan_dist.data.build.synth import write_synthetic_celeba
+from dcgan_dist.data.build.synth import VERSION, write_synthetic_celeba
 from dcgan_dist.data.prepare import resolve_source
 
 COUNT, MODES = 400, 8
@@ -136,8 +136,8 @@ def test_data_source_synthetic_is_built_once_under_shards_then_reused(tmp_path, 
     accelerator = Accelerator(cpu=True)
     data = DataConfig(source="synthetic", synthetic_count=30, synthetic_modes=3)
     source = resolve_source(data, 5, accelerator)
-    assert source == str(Path("shards/synthetic-30x3/celeba64"))
-    meta = json.loads(Path("shards/synthetic-30x3/celeba/synth.json").read_text())
+    assert source == str(Path(f"shards/synthetic-v{VERSION}-30x3/celeba64"))
+    meta = json.loads(Path(f"shards/synthetic-v{VERSION}-30x3/celeba/synth.json").read_text())
     assert (meta["count"], meta["modes"], meta["seed"]) == (30, 3, 5)
     manifest = json.loads((Path(source) / "manifest.json").read_text())
     assert manifest["source"]["synthetic"] == meta and manifest["totals"]["samples"] == 30
