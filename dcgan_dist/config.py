@@ -78,7 +78,7 @@ class DataConfig:
 class TrainConfig:
     batch_size: int = field(default=128, metadata=check(_positive))  # per process
     epochs: int = field(default=5, metadata=check(_positive))
-    max_steps: int = field(default=0, metadata=check(_non_negative))  # 0: run all epochs
+    max_steps: int = field(default=0, metadata=check(_non_negative))  # the step budget (epochs then unused); 0: epochs
     max_nonfinite: int = field(default=10, metadata=check(_positive))
     stop_check_every: int = field(default=10, metadata=check(_positive))  # steps between the ranks' stop-signal checks
 

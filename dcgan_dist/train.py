@@ -119,9 +119,8 @@ def fixed_noise(cfg: Config, accelerator: Accelerator) -> torch.Tensor:
 
 
 def total_steps(cfg: Config, batches_per_epoch: int) -> int:
-    """`train.epochs` epochs, or fewer steps with `train.max_steps`."""
-    total = cfg.train.epochs * batches_per_epoch
-    return min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+    """`train.max_steps` when set (the budget, however many epochs it takes), else `train.epochs` epochs."""
+    return cfg.train.max_steps or cfg.train.epochs * batches_per_epoch
 
 
 def run_training(cfg: Config, accelerator: Accelerator, stop: StopRequest, held: ExitStack) -> dict[str, float]:
@@ -167,7 +166,7 @@ def run_training(cfg: Config, accelerator: Accelerator, stop: StopRequest, held:
     last: dict[str, float] = {}
     started, start_step, stopping = time.perf_counter(), state.step, False
     with log:  # closed on every way out, a NonFiniteError included
-        while state.step < total and state.epoch < cfg.train.epochs and not stopping:
+        while state.step < total and not stopping:
             for batch in source.batches(state.epoch, state.batch_in_epoch):
                 diagnose = diagnostics is not None and diagnostics.due(state.step + 1)
                 out = runner(batch.images, collect_grad_norms=diagnose)
