@@ -97,7 +97,7 @@ def build_gan(cfg: Config, accelerator: Accelerator, lr_scale: float = 1) -> GAN
     torch.manual_seed(cfg.run.seed)
     G = Generator(cfg.model.nz, cfg.model.ngf, cfg.model.channels)
     D = Discriminator(cfg.model.ndf, cfg.model.channels)
-    prepare_models(cfg.perf, accelerator.device, G, D)
+    prepare_models(cfg.perf, accelerator.device, G, D, precision=cfg.precision)
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.optim.lr_g * lr_scale, betas=cfg.optim.betas_g, fused=True)
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_d * lr_scale, betas=cfg.optim.betas_d, fused=True)
     G, D, opt_g, opt_d = prepare_gan(accelerator, cfg.ddp.batchnorm, G, D, opt_g, opt_d)
@@ -125,12 +125,16 @@ def run_training(cfg: Config, accelerator: Accelerator, stop: StopRequest) -> di
     runs it, eagerly or as a CUDA graph; `state.step` counts the steps done.
     """
     from dcgan_dist.checkpoint import resume_or_start
+    from dcgan_dist.cpu import apply_cpu_plan
     from dcgan_dist.data import make_batch_source
     from dcgan_dist.diagnostics import Diagnostics
     from dcgan_dist.fastpath import StepRunner
     from dcgan_dist.metrics import RunLogger
 
-    # --- data and the run folder
+    # --- this process's CPU threads and loader workers, data and the run folder
+    cpu_plan = apply_cpu_plan(cfg, accelerator.num_processes)
+    if accelerator.is_main_process:
+        print(cpu_plan.line(), flush=True)
     resolve_data_source(cfg, accelerator)
     run_dir = prepare_run_dir(cfg, accelerator)
     world = accelerator.num_processes
