@@ -102,7 +102,7 @@ def build_gan(cfg: Config, accelerator: Accelerator, lr_scale: float = 1) -> GAN
     torch.manual_seed(cfg.run.seed)
     G = Generator(cfg.model.nz, cfg.model.ngf, cfg.model.channels)
     D = Discriminator(cfg.model.ndf, cfg.model.channels)
-    prepare_models(cfg.perf, accelerator.device, G, D)
+    prepare_models(cfg.perf, accelerator.device, G, D, precision=cfg.precision)
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.optim.lr_g * lr_scale, betas=cfg.optim.betas_g, fused=True)
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_d * lr_scale, betas=cfg.optim.betas_d, fused=True)
     G, D, opt_g, opt_d = prepare_gan(accelerator, cfg.ddp.batchnorm, G, D, opt_g, opt_d)
@@ -131,6 +131,7 @@ def run_training(cfg: Config, accelerator: Accelerator, stop: StopRequest, held:
     folder's lock.
     """
     from dcgan_dist.checkpoint import resume_or_start
+    from dcgan_dist.cpu import apply_cpu_plan
     from dcgan_dist.data import make_batch_source
     from dcgan_dist.data.prepare import resolve_source
     from dcgan_dist.diagnostics import Diagnostics
@@ -138,7 +139,11 @@ def run_training(cfg: Config, accelerator: Accelerator, stop: StopRequest, held:
     from dcgan_dist.metrics import RunLogger
     from dcgan_dist.quality.in_training import TrainingEvaluator, check_eval_config
 
-    # --- data, then the run folder: a data.source that is not there fails before anything is written
+    # --- this process's CPU threads and loader workers, data, then the run folder: a data.source that is
+    # not there fails before anything is written
+    cpu_plan = apply_cpu_plan(cfg, accelerator.num_processes)
+    if accelerator.is_main_process:
+        print(cpu_plan.line(), flush=True)
     cfg.data.source = resolve_source(cfg.data, cfg.run.seed, accelerator)
     if cfg.eval.every:
         check_eval_config(cfg)  # shards and the FID network there, before any work
