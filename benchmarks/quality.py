@@ -46,8 +46,8 @@ from torch import nn  # noqa: E402
 from dcgan_dist.checkpoint import GENERATOR_EXPORT, RAW_GENERATOR_EXPORT, load_generator  # noqa: E402
 from dcgan_dist.config import load_config  # noqa: E402
 from dcgan_dist.data.images import list_images  # noqa: E402
-from dcgan_dist.data.shards import build_shards  # noqa: E402
-from dcgan_dist.data.synth import write_synthetic_celeba  # noqa: E402
+from dcgan_dist.data.build.pack import build_shards  # noqa: E402
+from dcgan_dist.data.build.synth import write_synthetic_celeba  # noqa: E402
 from dcgan_dist.fileio import atomic_write  # noqa: E402
 from dcgan_dist.models import Discriminator, Generator  # noqa: E402
 from dcgan_dist.quality import distances  # noqa: E402

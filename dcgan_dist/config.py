@@ -27,6 +27,10 @@ def _non_negative(v: Any) -> str | None:
     return None if v >= 0 else "a value >= 0"
 
 
+def _positive_or_auto(v: Any) -> str | None:
+    return None if v == "auto" or v > 0 else "a value > 0 or 'auto'"
+
+
 def _unit_open(v: Any) -> str | None:
     return None if 0.0 <= v < 1.0 else "a value in [0, 1)"
 
@@ -78,7 +82,7 @@ class DataConfig:
 class TrainConfig:
     batch_size: int = field(default=128, metadata=check(_positive))  # per process
     epochs: int = field(default=5, metadata=check(_positive))
-    max_steps: int = field(default=0, metadata=check(_non_negative))  # 0: run all epochs
+    max_steps: int = field(default=0, metadata=check(_non_negative))  # the step budget (epochs then unused); 0: epochs
     max_nonfinite: int = field(default=10, metadata=check(_positive))
     stop_check_every: int = field(default=10, metadata=check(_positive))  # steps between the ranks' stop-signal checks
 
@@ -173,12 +177,15 @@ class PerfConfig:
     """Speed settings that leave the math alone; dcgan_dist/fastpath.py applies them and logs what it could not."""
 
     cuda_graph: bool = True  # one CUDA GPU, no fp16 scaler: the whole step captured once, replayed every step
-    channels_last: bool = True  # CUDA: NHWC activations and weights, cuDNN's fast layout for bf16 convolutions
+    channels_last: bool = True  # CUDA, and CPUs in bf16: NHWC activations and weights, the fast layout for bf16 convolutions
     cudnn_benchmark: bool = True  # CUDA: cuDNN times its algorithms once for the run's fixed shapes
     # DDP gradient buckets (MB): at 2, G's 14.3 MB of fp32 gradients go in buckets of 2.6 / 8.4 / 3.3 MB and
     # D's 11.1 MB in 8.4 / 2.1 / 0.5, so all but the first layers' all-reduce overlaps the backward;
     # PyTorch's default 25 leaves 11.7 MB of G's to be sent after its backward ends (docs/performance.md)
     ddp_bucket_cap_mb: float = field(default=2.0, metadata=check(_positive))
+    # torch threads per process; auto: torch's default (physical cores) within this process's share of the
+    # cores, loader workers not subtracted (dcgan_dist/cpu.py: plan_cpu; docs/performance.md)
+    cpu_threads: int | Literal["auto"] = field(default="auto", metadata=check(_positive_or_auto))
 
 
 @dataclass
@@ -189,7 +196,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    # auto: bf16 on a bf16-capable CUDA GPU, else no (dcgan_dist.parallel.resolve_precision)
+    # auto: bf16 on a bf16-capable CUDA GPU or a CPU with native bf16, else no (dcgan_dist.parallel.resolve_precision)
     precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     log: LogConfig = field(default_factory=LogConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
@@ -205,6 +212,8 @@ def _describe(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin is tuple:
         return "a list of " + ", ".join(_describe(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 

@@ -1,10 +1,11 @@
-"""The single-GPU fast path: the same GAN step, run at the speed of the hardware.
+"""The fast path: the same GAN step, run at the speed of the hardware (one GPU, or a CPU).
 
 What it adds to `GANStep` (bf16 autocast, fused Adam and the G step's backward into G alone are the
-step's own), and why; docs/performance.md has the measurements:
+step's own; bf16 is `precision: auto` on GPUs and CPUs that compute it natively, parallel.py), and why;
+docs/performance.md has the measurements:
 
-* channels_last (CUDA): G and D keep NHWC weights and activations, the layout cuDNN's bf16
-  convolutions run in, so no transposes run around each convolution.
+* channels_last (CUDA, and CPUs in bf16): G and D keep NHWC weights and activations, the layout cuDNN's
+  and oneDNN's bf16 convolutions run in, so no transposes run around each convolution.
 * cudnn.benchmark (CUDA): a run's shapes never change, so timing cuDNN's algorithms once pays.
 * One CUDA graph for the whole step (one CUDA process, no fp16 loss scaler). At batch 128 an eager
   step is about a hundred small kernels whose launches take longer than their arithmetic; replaying
@@ -47,19 +48,21 @@ CHECK_RTOL, CHECK_ATOL = 1e-3, 1e-6
 NAMES_SHOWN = 5  # differing tensors named in the log line
 
 
-def fast_memory_format(perf: PerfConfig, device: torch.device) -> torch.memory_format:
-    """channels_last where it pays (CUDA and `perf.channels_last`), else the plain layout."""
-    return torch.channels_last if perf.channels_last and device.type == "cuda" else torch.contiguous_format
+def fast_memory_format(perf: PerfConfig, device: torch.device, precision: str = "no") -> torch.memory_format:
+    """channels_last where it pays (with `perf.channels_last`): on CUDA, and on a CPU when the step runs in
+    bf16; else the plain layout. A CPU in fp32 gains nothing from it (docs/performance.md measures both)."""
+    pays = device.type == "cuda" or (device.type == "cpu" and precision == "bf16")
+    return torch.channels_last if perf.channels_last and pays else torch.contiguous_format
 
 
-def prepare_models(perf: PerfConfig, device: torch.device, *models: nn.Module) -> None:
-    """Turn on cuDNN autotuning and put the models in the fast layout (CUDA only), in place.
+def prepare_models(perf: PerfConfig, device: torch.device, *models: nn.Module, precision: str = "no") -> None:
+    """Turn on cuDNN autotuning (CUDA) and put the models in the fast layout for `precision`, in place.
 
     The parameters stay the same objects, so optimizers built on them before or after stay valid.
     """
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = perf.cudnn_benchmark
-    if fast_memory_format(perf, device) == torch.channels_last:
+    if fast_memory_format(perf, device, precision) == torch.channels_last:
         for model in models:
             model.to(memory_format=torch.channels_last)
 
@@ -144,7 +147,7 @@ class StepRunner:
     def __init__(self, step: GANStep, perf: PerfConfig, log: Callable[[str], None], warmup_steps: int = WARMUP_STEPS):
         self.step, self.log, self.warmup_steps = step, log, warmup_steps
         self.device = step.accelerator.device
-        self.memory_format = fast_memory_format(perf, self.device)
+        self.memory_format = fast_memory_format(perf, self.device, step.accelerator.mixed_precision)
         self.graph_off = graph_blocker(perf, step.accelerator)  # None: the graph is (to be) used
         self.graph: torch.cuda.CUDAGraph | None = None
         self.checked = False  # whether the graph's first replay has been checked against an eager step
@@ -189,9 +192,7 @@ class StepRunner:
         self.log(f"[dcgan-train] fast path: WARNING: eager steps from here on: {reason}")
 
     def _on_device(self, images: torch.Tensor) -> torch.Tensor:
-        """The batch for an eager step: on the device in the models' layout (CPU: as it is; the step moves it)."""
-        if self.device.type != "cuda":
-            return images
+        """The batch for an eager step: on the device in the models' layout."""
         return images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
 
     def _stage(self, images: torch.Tensor) -> bool:

@@ -16,6 +16,7 @@ from accelerate.utils import DistributedDataParallelKwargs, broadcast, parse_fla
 from torch import nn
 
 from dcgan_dist.config import Config, ConfigError
+from dcgan_dist.cpu import CpuBf16, probe_native_bf16
 from dcgan_dist.errors import ExplainedError
 
 
@@ -24,24 +25,32 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def resolve_precision(precision: str) -> str:
-    """`auto`: bf16 where the run gets a CUDA GPU that computes in bf16 (Ampere and later), else `no`
-    (CPU autocast in bf16 is slower than fp32 on most CPUs). Any other value is returned as it is."""
+def runs_on_cuda() -> bool:
+    """Whether this run's Accelerator will put it on a CUDA GPU."""
+    return torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU")
+
+
+def resolve_precision(precision: str, cpu_bf16: CpuBf16 | None = None) -> str:
+    """`auto`: bf16 where the run's device computes bf16 natively, else `no`. On CUDA: Ampere and later. On a
+    CPU: `cpu_bf16`, by default `probe_native_bf16()` (AMX-BF16 or AVX512-BF16; where bf16 is emulated it is
+    many times slower than fp32). Any other value is returned as it is."""
     if precision != "auto":
         return precision
-    on_cuda = torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU")
-    return "bf16" if on_cuda and torch.cuda.is_bf16_supported(including_emulation=False) else "no"
+    if runs_on_cuda():
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "no"
+    return "bf16" if (cpu_bf16 or probe_native_bf16()).native else "no"
 
 
 def build_accelerator(cfg: Config) -> Accelerator:
     """The run's Accelerator; the config's `precision` wins over the launcher's mixed_precision (with a note).
 
     `precision: auto` is resolved here, and `cfg.precision` is set to what it resolved to, so the
-    run's log and saved config say what ran.
+    run's log and saved config say what ran; on a CPU one line says why.
 
     DDP does not broadcast buffers: each rank's BatchNorm keeps its own running statistics, and D's
     two forwards (real, fake) before one backward never trip "modified by an inplace operation".
     """
+    auto = cfg.precision == "auto"
     cfg.precision = resolve_precision(cfg.precision)
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False, bucket_cap_mb=cfg.perf.ddp_bucket_cap_mb)
     accelerator = Accelerator(mixed_precision=cfg.precision, kwargs_handlers=[ddp])
@@ -50,6 +59,9 @@ def build_accelerator(cfg: Config) -> Accelerator:
         raise ConfigError(
             f"launch: {launched} processes were started but Accelerate sees {accelerator.num_processes}; "
             "on CPU set ACCELERATE_USE_CPU=1 (e.g. ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m dcgan_dist.train)")
+    if auto and accelerator.device.type == "cpu" and accelerator.is_main_process:
+        print(f"[dcgan-train] precision auto: {'bf16' if cfg.precision == 'bf16' else 'fp32'} on this CPU "
+              f"({probe_native_bf16().why})", flush=True)
     launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", cfg.precision)
     if launcher_precision != cfg.precision and accelerator.is_main_process:
         print(f"[dcgan-train] note: the launcher asked for mixed precision {launcher_precision!r}; the run's "

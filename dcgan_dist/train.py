@@ -102,7 +102,7 @@ def build_gan(cfg: Config, accelerator: Accelerator, lr_scale: float = 1) -> GAN
     torch.manual_seed(cfg.run.seed)
     G = Generator(cfg.model.nz, cfg.model.ngf, cfg.model.channels)
     D = Discriminator(cfg.model.ndf, cfg.model.channels)
-    prepare_models(cfg.perf, accelerator.device, G, D)
+    prepare_models(cfg.perf, accelerator.device, G, D, precision=cfg.precision)
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.optim.lr_g * lr_scale, betas=cfg.optim.betas_g, fused=True)
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_d * lr_scale, betas=cfg.optim.betas_d, fused=True)
     G, D, opt_g, opt_d = prepare_gan(accelerator, cfg.ddp.batchnorm, G, D, opt_g, opt_d)
@@ -119,9 +119,8 @@ def fixed_noise(cfg: Config, accelerator: Accelerator) -> torch.Tensor:
 
 
 def total_steps(cfg: Config, batches_per_epoch: int) -> int:
-    """`train.epochs` epochs, or fewer steps with `train.max_steps`."""
-    total = cfg.train.epochs * batches_per_epoch
-    return min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+    """`train.max_steps` when set (the budget, however many epochs it takes), else `train.epochs` epochs."""
+    return cfg.train.max_steps or cfg.train.epochs * batches_per_epoch
 
 
 def run_training(cfg: Config, accelerator: Accelerator, stop: StopRequest, held: ExitStack) -> dict[str, float]:
@@ -132,6 +131,7 @@ def run_training(cfg: Config, accelerator: Accelerator, stop: StopRequest, held:
     folder's lock.
     """
     from dcgan_dist.checkpoint import resume_or_start
+    from dcgan_dist.cpu import apply_cpu_plan
     from dcgan_dist.data import make_batch_source
     from dcgan_dist.data.prepare import resolve_source
     from dcgan_dist.diagnostics import Diagnostics
@@ -139,7 +139,11 @@ def run_training(cfg: Config, accelerator: Accelerator, stop: StopRequest, held:
     from dcgan_dist.metrics import RunLogger
     from dcgan_dist.quality.in_training import TrainingEvaluator, check_eval_config
 
-    # --- data, then the run folder: a data.source that is not there fails before anything is written
+    # --- this process's CPU threads and loader workers, data, then the run folder: a data.source that is
+    # not there fails before anything is written
+    cpu_plan = apply_cpu_plan(cfg, accelerator.num_processes)
+    if accelerator.is_main_process:
+        print(cpu_plan.line(), flush=True)
     cfg.data.source = resolve_source(cfg.data, cfg.run.seed, accelerator)
     if cfg.eval.every:
         check_eval_config(cfg)  # shards and the FID network there, before any work
@@ -167,7 +171,7 @@ def run_training(cfg: Config, accelerator: Accelerator, stop: StopRequest, held:
     last: dict[str, float] = {}
     started, start_step, stopping = time.perf_counter(), state.step, False
     with log:  # closed on every way out, a NonFiniteError included
-        while state.step < total and state.epoch < cfg.train.epochs and not stopping:
+        while state.step < total and not stopping:
             for batch in source.batches(state.epoch, state.batch_in_epoch):
                 diagnose = diagnostics is not None and diagnostics.due(state.step + 1)
                 out = runner(batch.images, collect_grad_norms=diagnose)

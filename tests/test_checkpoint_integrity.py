@@ -74,7 +74,7 @@ def test_checksums_list_every_file_of_the_folder_with_its_sha256(trained):
     for ck in checkpoint_dirs(trained):
         listed = json.loads((ck / CHECKSUMS).read_text())["files"]
         on_disk = sorted(p.name for p in ck.iterdir() if p.name != CHECKSUMS)
-        assert sorted(listed) == on_disk == ["D.safetensors", "G.safetensors", "state.pt"]
+        assert sorted(listed) == on_disk == ["D.safetensors", "G.safetensors", "G_ema.safetensors", "state.pt"]
         for name, entry in listed.items():
             data = (ck / name).read_bytes()
             assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}

@@ -48,7 +48,8 @@ def alarm_steps(preset: str, shards, tmp_path, seed: int, *extra: str) -> dict[s
 
 def test_presets_parse_and_each_failure_preset_changes_what_causes_its_failure():
     presets = {p.stem: load_config(p) for p in sorted(REPO.glob("configs/*.yaml"))}
-    assert set(presets) == {"celeba64", "smoke", "vanishing_gradients", "mode_collapse"}
+    assert set(presets) == {"celeba64", "smoke", "vanishing_gradients", "vanishing_gradients_non_saturating",
+                            "mode_collapse"}
     lab, baseline = presets["celeba64"], presets["smoke"]
     defaults = load_config(None)
     # the lab's recipe: equal Adam rates, the non-saturating loss, the full widths
@@ -56,6 +57,9 @@ def test_presets_parse_and_each_failure_preset_changes_what_causes_its_failure()
     assert (lab.model.ngf, lab.model.ndf, lab.train.batch_size) == (64, 64, 128)
     assert (baseline.optim, baseline.loss) == (lab.optim, lab.loss)  # the demo only shrinks the run
     vanishing, collapse = presets["vanishing_gradients"], presets["mode_collapse"]
+    twin = presets["vanishing_gradients_non_saturating"]  # the controlled experiment: only the loss differs
+    assert dataclasses.replace(twin, run=vanishing.run, loss=vanishing.loss) == vanishing
+    assert (twin.loss.generator, twin.run.seed) == ("non_saturating", vanishing.run.seed)
     # vanishing gradients: the saturating minimax loss, against a D faster than G
     assert vanishing.loss.generator == "minimax" and vanishing.optim.lr_d > vanishing.optim.lr_g
     # mode collapse: the non-saturating loss kept, D ten times slower than G

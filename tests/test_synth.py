@@ -15,7 +15,7 @@ from torchvision import transforms
 
 from dcgan_dist.config import DataConfig
 from dcgan_dist.data.build.cli import main
-from dcgan_dist.data.build.synth import write_synthetic_celeba
+from dcgan_dist.data.build.synth import VERSION, write_synthetic_celeba
 from dcgan_dist.data.prepare import resolve_source
 
 COUNT, MODES = 400, 8
@@ -88,12 +88,13 @@ def test_a_small_classifier_separates_modes_at_64px_and_faces_vary_within_a_mode
     x, y = thumbnails(synth)
     train, held_out = slice(0, COUNT // 2), slice(COUNT // 2, COUNT)
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.AvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, MODES))
+    # 8x8 pooled colours, what the diagnostics' coverage classifier sees: 200 faces fit 192 features
+    model = torch.nn.Sequential(torch.nn.AvgPool2d(8), torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, MODES))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: threads only add contention
     try:
-        for _ in range(40):
+        for _ in range(100):
             optimizer.zero_grad()
             torch.nn.functional.cross_entropy(model(x[train]), y[train]).backward()
             optimizer.step()
@@ -136,8 +137,8 @@ def test_data_source_synthetic_is_built_once_under_shards_then_reused(tmp_path, 
     accelerator = Accelerator(cpu=True)
     data = DataConfig(source="synthetic", synthetic_count=30, synthetic_modes=3)
     source = resolve_source(data, 5, accelerator)
-    assert source == str(Path("shards/synthetic-30x3/celeba64"))
-    meta = json.loads(Path("shards/synthetic-30x3/celeba/synth.json").read_text())
+    assert source == str(Path(f"shards/synthetic-v{VERSION}-30x3/celeba64"))
+    meta = json.loads(Path(f"shards/synthetic-v{VERSION}-30x3/celeba/synth.json").read_text())
     assert (meta["count"], meta["modes"], meta["seed"]) == (30, 3, 5)
     manifest = json.loads((Path(source) / "manifest.json").read_text())
     assert manifest["source"]["synthetic"] == meta and manifest["totals"]["samples"] == 30

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from dcgan_dist.config import DataConfig
 from dcgan_dist.data.build.pack import build_shards
-from dcgan_dist.data.build.synth import write_synthetic_celeba
+from dcgan_dist.data.build.synth import VERSION, write_synthetic_celeba
 from dcgan_dist.data.manifest import is_shard_folder
 
 if TYPE_CHECKING:
@@ -21,7 +21,7 @@ def resolve_source(data: DataConfig, seed: int, accelerator: Accelerator) -> str
 
     if data.source != "synthetic":
         return data.source
-    root = Path("shards") / f"synthetic-{data.synthetic_count}x{data.synthetic_modes}"
+    root = Path("shards") / f"synthetic-v{VERSION}-{data.synthetic_count}x{data.synthetic_modes}"
     shards = root / "celeba64"
 
     def write() -> None:

@@ -44,8 +44,7 @@ BN_MODE = "batch"  # as in training and dcgan-eval's default
 def check_eval_config(cfg: Config) -> tuple[Path, Path | None]:
     """The shard folder and FID network an evaluation during training will use (None: the standard one,
     found installed); one-line ConfigError when they are not there. Cheap: every rank calls it."""
-    from dcgan_dist.data import MANIFEST_NAME
-    from dcgan_dist.data.loader import read_manifest
+    from dcgan_dist.data.manifest import MANIFEST_NAME, read_manifest
     from dcgan_dist.quality.inception import INSTALL, default_network_path
 
     shards = Path(cfg.data.source)

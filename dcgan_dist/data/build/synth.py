@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 import dcgan_dist
 from dcgan_dist.data.build.celeba import ATTRIBUTES, BBOXES, IDENTITIES, IMAGES_NAME, LANDMARKS, PARTITION
@@ -24,6 +24,7 @@ from dcgan_dist.fileio import atomic_write
 WIDTH, HEIGHT = 178, 218  # CelebA's aligned-and-cropped images
 OFFICIAL_SPLIT_SIZES = (162_770, 19_867, 19_962)  # train, valid, test ids, in id order
 SYNTH_JSON = "synth.json"
+VERSION = 2  # of the drawing: a new one is written to a new cache folder (data/prepare.py)
 ATTRIBUTE_NAMES = (
     "5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair "
     "Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee Gray_Hair Heavy_Makeup "
@@ -96,6 +97,14 @@ def _face_parameters(count: int, modes: int, seed: int) -> dict[str, np.ndarray]
         "expression": rng.integers(0, len(EXPRESSIONS), n),
         "tilt": rng.uniform(-3, 3, n),  # eye-line slope in pixels
     }
+    # drawn after the flat drawing's choices, so `style="flat"` still draws the same faces
+    p.update({
+        "light_angle": rng.uniform(0, 2 * np.pi, n),  # where the light comes from
+        "light_strength": rng.uniform(0.15, 0.35, n),
+        "saturation": rng.uniform(0.25, 0.45, n),  # of the drawing's colours: muted, as in photographs
+        "exposure": rng.uniform(0.85, 1.1, n),
+        "texture_seed": rng.integers(0, 2**31, n),
+    })
     fw = 40 * p["scale"]
     fh = fw * p["aspect"]
     eye_y = p["cy"] - 0.12 * fh
@@ -190,10 +199,37 @@ def draw_face(look: ModeLook, p: dict) -> Image.Image:
     return img
 
 
-def _write_chunk(task: tuple[Path, list[ModeLook], list[tuple[int, dict]]]) -> None:
-    images, looks, rows = task
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+_GRID = np.mgrid[0:HEIGHT, 0:WIDTH].astype(np.float32)  # pixel rows, columns
+
+
+def photographed(drawing: Image.Image, p: dict) -> Image.Image:
+    """The flat drawing as a camera might see it: soft edges, light from one side, a rounded face,
+    muted colour and exposure, lower contrast, and texture at a coarse and a fine scale.
+
+    A DCGAN's D tells flat, saturated cartoons from G's first outputs at once and then G learns
+    nothing; these images are learnt by the lab's unchanged G, D and optimisers (docs/failure_modes.md).
+    """
+    rng = np.random.default_rng(int(p["texture_seed"]))
+    x = np.asarray(drawing.filter(ImageFilter.GaussianBlur(2.0)), dtype=np.float32) / 255
+    yy, xx = _GRID
+    lx, ly = np.cos(p["light_angle"]), np.sin(p["light_angle"])
+    light = 1 + p["light_strength"] * ((xx - WIDTH / 2) * lx + (yy - HEIGHT / 2) * ly) / (HEIGHT / 2)
+    rx, ry = (xx - p["cx"]) / p["fw"], (yy - p["cy"]) / p["fh"]
+    inside = rx ** 2 + ry ** 2
+    face = np.where(inside < 1, 0.3 * inside ** 2 - 0.12 * (rx * lx + ry * ly), 0.0)  # rounder, lit on one side
+    coarse = Image.fromarray(rng.normal(0, 1, (6, 5)).astype(np.float32), "F").resize((WIDTH, HEIGHT), Image.BICUBIC)
+    x = x.dot(LUMA)[..., None] * (1 - p["saturation"]) + x * p["saturation"]
+    x = x * (p["exposure"] * (light - face))[..., None]
+    x = 0.5 + 0.8 * (x - 0.5) + 0.05 * np.asarray(coarse)[..., None] + rng.normal(0, 0.03, x.shape).astype(np.float32)
+    return Image.fromarray(np.clip(np.rint(x * 255), 0, 255).astype(np.uint8))
+
+
+def _write_chunk(task: tuple[Path, list[ModeLook], list[tuple[int, dict]], str]) -> None:
+    images, looks, rows, style = task
     for number, p in rows:
-        draw_face(looks[int(p["mode"])], p).save(images / f"{number:06d}.jpg", quality=92)
+        face = draw_face(looks[int(p["mode"])], p)
+        (face if style == "flat" else photographed(face, p)).save(images / f"{number:06d}.jpg", quality=92)
 
 
 def _attribute_row(look: ModeLook, expression: str) -> list[int]:
@@ -214,17 +250,23 @@ def _write_text(path: Path, lines: list[str]) -> None:
     atomic_write(path, "".join(line + "\n" for line in lines))
 
 
-def write_synthetic_celeba(out: Path, count: int, modes: int = 10, seed: int = 0) -> Path:
+STYLES = ("photo", "flat")
+
+
+def write_synthetic_celeba(out: Path, count: int, modes: int = 10, seed: int = 0, style: str = "photo") -> Path:
     """Write `count` synthetic faces in `modes` modes to `out` in CelebA's release layout; returns `out`.
 
     Files: img_align_celeba/NNNNNN.jpg (178x218), list_eval_partition.txt (ids split by range,
     about 80/10/10), list_attr_celeba.txt, identity_CelebA.txt (identity = mode, 0..K-1),
     list_landmarks_align_celeba.txt, list_bbox_celeba.txt, and synth.json, written last.
+    `style="flat"` leaves out `photographed`: the plain cartoons, which the lab's DCGAN does not learn.
     """
     if not 1 <= count <= 999_999:
         raise ValueError(f"count: got {count}, expected 1 to 999999 (six-digit CelebA file names)")
     if modes < 1:
         raise ValueError(f"modes: got {modes}, expected at least 1")
+    if style not in STYLES:
+        raise ValueError(f"style: got {style!r}, expected one of {', '.join(STYLES)}")
     out = Path(out)
     images = out / IMAGES_NAME
     images.mkdir(parents=True, exist_ok=True)
@@ -233,7 +275,7 @@ def write_synthetic_celeba(out: Path, count: int, modes: int = 10, seed: int = 0
     params = _face_parameters(count, modes, seed)
     rows = [(i + 1, {k: v[i] for k, v in params.items()}) for i in range(count)]
     chunk = 250
-    tasks = [(images, looks, rows[i:i + chunk]) for i in range(0, count, chunk)]
+    tasks = [(images, looks, rows[i:i + chunk], style) for i in range(0, count, chunk)]
     processes = min(default_workers(), len(tasks))
     with process_pool(processes) as pool:
         for _ in ordered_map(pool, _write_chunk, tasks, 2 * processes):
@@ -255,7 +297,7 @@ def write_synthetic_celeba(out: Path, count: int, modes: int = 10, seed: int = 0
         f"{n} " + " ".join(f"{v:4d}" for v in row) for n, row in zip(names, landmarks)])
     _write_text(out / f"{BBOXES}.txt", [str(count), "image_id x_1 y_1 width height"] + [
         f"{n} {a:4d} {b:4d} {c:4d} {e:4d}" for n, a, b, c, e in zip(names, x0, y0, w, h)])
-    synth = {"modes": modes, "seed": seed, "count": count, "tool": f"dcgan_dist {dcgan_dist.__version__}",
+    synth = {"modes": modes, "seed": seed, "count": count, "style": style, "version": VERSION, "tool": f"dcgan_dist {dcgan_dist.__version__}",
              "mode_names": [look.name for look in looks]}
     _write_text(out / SYNTH_JSON, [json.dumps(synth, indent=1)])
     return out
