@@ -1,14 +1,15 @@
 """Training throughput on a CPU: this trainer (fp32 eager, and its CPU fast path) against the reference recipe.
 
-Three cases, each run in its own process, interleaved round by round (reference, fp32, fast, reference, ...)
+Four cases, each run in its own process, interleaved round by round (reference, fp32, fast, bf16, reference, ...)
 so that a busy machine slows all of them alike; the load average is recorded next to every figure:
   reference  the pytorch/examples DCGAN recipe: torchvision ImageFolder over the JPEG folder with
              Resize(64) + CenterCrop(64) + ToTensor + Normalize(0.5), a shuffled DataLoader with 2 workers,
              fp32, Sigmoid + BCELoss, Adam 2e-4 (0.5, 0.999), five `.item()` reads per step
              (`ReferenceStep` of train_throughput.py); torch's default threads;
   fp32       `dcgan-train` from raw shards of the same JPEGs: precision no, contiguous layout;
-  fast       `dcgan-train` with its defaults: `precision: auto` (bf16 where the CPU computes it natively),
-             channels_last with bf16, `perf.cpu_threads: auto`.
+  fast       `dcgan-train` with its defaults: `precision: auto` (bf16 where it pays: AMX-BF16), channels_last,
+             `perf.cpu_threads: auto`;
+  bf16       `dcgan-train` with `precision=bf16` and channels_last, whatever the CPU (the rule's evidence).
 Both trainer cases run with diagnostics off and report the rate of the second of two equal log intervals;
 the reference is timed over its steps after three untimed ones, loading included.
 
@@ -45,11 +46,12 @@ from torch.utils.data import DataLoader  # noqa: E402
 from torchvision import datasets, transforms  # noqa: E402
 
 from dcgan_dist.config import load_config  # noqa: E402
-from dcgan_dist.cpu import probe_native_bf16  # noqa: E402
+from dcgan_dist.cpu import probe_cpu_bf16  # noqa: E402
 from dcgan_dist.train import train  # noqa: E402
 
-CASES = ("reference", "fp32", "fast")
-TRAINER_OVERRIDES = {"fp32": ["precision=no", "perf.channels_last=false"], "fast": []}
+CASES = ("reference", "fp32", "fast", "bf16")
+TRAINER_CASES = CASES[1:]
+TRAINER_OVERRIDES = {"fp32": ["precision=no", "perf.channels_last=false"], "fast": [], "bf16": ["precision=bf16"]}
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,7 @@ def summarise(runs: list[dict], widths: tuple[int, ...]) -> list[dict]:
             medians[case] = round(statistics.median(rates), 1) if rates else None
         ref = medians["reference"]
         ratios = {f"{case}_vs_reference": round(medians[case] / ref, 2) if ref and medians[case] else None
-                  for case in ("fp32", "fast")}
+                  for case in TRAINER_CASES}
         table.append({"width": width, "median_img_per_s": medians, **ratios})
     return table
 
@@ -185,15 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or sizes.rounds
     # small: one thread, since two OpenMP threads against other work on a busy 2-core machine can be 100x slower
     threads = args.threads or (1 if args.small else None)
-    info = {**tt.machine_info(), "native_bf16": asdict(probe_native_bf16()),
+    info = {**tt.machine_info(), "cpu_bf16": asdict(probe_cpu_bf16()),
             "torch_default_threads": torch.get_num_threads()}
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     out = args.out or tt.RESULTS / f"{date}-cpu-{tt.machine_slug(info)}.json"
     report = {"date": date, "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": info,
               "versions": tt.versions(), "mode": "small" if args.small else "full", "sizes": asdict(sizes),
               "rounds": rounds, "threads": threads, "runs": [], "errors": []}
-    print(f"# cpu_throughput: {report['mode']} on {info['cpu']} ({info['cpus']} CPUs, native bf16: "
-          f"{info['native_bf16']['native']}), load {info['load_average_at_start']}; writing {out}", flush=True)
+    print(f"# cpu_throughput: {report['mode']} on {info['cpu']} ({info['cpus']} CPUs, bf16 pays: "
+          f"{info['cpu_bf16']['pays']}), load {info['load_average_at_start']}; writing {out}", flush=True)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dcgan-cpu-throughput-") as tmp:
         work = args.workdir or Path(tmp)
@@ -218,11 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     report["seconds"] = round(time.perf_counter() - started, 1)
     report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     tt.write_json(out, report)
-    print(f"\n{'width':>5} {'reference':>10} {'fp32':>10} {'fast':>10} {'fp32/ref':>9} {'fast/ref':>9}   (img/s, medians)")
+    print(f"\n{'width':>5} " + " ".join(f"{c:>10}" for c in CASES)
+          + " " + " ".join(f"{c + '/ref':>9}" for c in TRAINER_CASES) + "   (img/s, medians)")
     for r in report["summary"]:
         m = r["median_img_per_s"]
         cells = [f"{m[c]:>10.1f}" if m[c] is not None else f"{'-':>10}" for c in CASES]
-        ratios = [f"{r[k]:>9.2f}" if r[k] is not None else f"{'-':>9}" for k in ("fp32_vs_reference", "fast_vs_reference")]
+        ratios = [f"{r[k]:>9.2f}" if r[k] is not None else f"{'-':>9}"
+                  for k in (f"{c}_vs_reference" for c in TRAINER_CASES)]
         print(f"{r['width']:>5} {' '.join(cells)} {' '.join(ratios)}")
     print(f"{len(report['runs'])} runs, {len(report['errors'])} errors, {report['seconds']}s; {out}", flush=True)
     return 1 if report["errors"] else 0

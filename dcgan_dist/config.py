@@ -177,7 +177,7 @@ class PerfConfig:
     """Speed settings that leave the math alone; dcgan_dist/fastpath.py applies them and logs what it could not."""
 
     cuda_graph: bool = True  # one CUDA GPU, no fp16 scaler: the whole step captured once, replayed every step
-    channels_last: bool = True  # CUDA, and CPUs in bf16: NHWC activations and weights, the fast layout for bf16 convolutions
+    channels_last: bool = True  # CUDA and CPUs: NHWC activations and weights, the fast layout for convolutions
     cudnn_benchmark: bool = True  # CUDA: cuDNN times its algorithms once for the run's fixed shapes
     # DDP gradient buckets (MB): at 2, G's 14.3 MB of fp32 gradients go in buckets of 2.6 / 8.4 / 3.3 MB and
     # D's 11.1 MB in 8.4 / 2.1 / 0.5, so all but the first layers' all-reduce overlaps the backward;

@@ -4,8 +4,8 @@ What it adds to `GANStep` (bf16 autocast, fused Adam and the G step's backward i
 step's own; bf16 is `precision: auto` on GPUs and CPUs that compute it natively, parallel.py), and why;
 docs/performance.md has the measurements:
 
-* channels_last (CUDA, and CPUs in bf16): G and D keep NHWC weights and activations, the layout cuDNN's
-  and oneDNN's bf16 convolutions run in, so no transposes run around each convolution.
+* channels_last (CUDA and CPUs): G and D keep NHWC weights and activations, the layout cuDNN's and
+  oneDNN's fastest convolutions run in, so no transposes run around each convolution.
 * cudnn.benchmark (CUDA): a run's shapes never change, so timing cuDNN's algorithms once pays.
 * One CUDA graph for the whole step (one CUDA process, no fp16 loss scaler). At batch 128 an eager
   step is about a hundred small kernels whose launches take longer than their arithmetic; replaying
@@ -48,21 +48,21 @@ CHECK_RTOL, CHECK_ATOL = 1e-3, 1e-6
 NAMES_SHOWN = 5  # differing tensors named in the log line
 
 
-def fast_memory_format(perf: PerfConfig, device: torch.device, precision: str = "no") -> torch.memory_format:
-    """channels_last where it pays (with `perf.channels_last`): on CUDA, and on a CPU when the step runs in
-    bf16; else the plain layout. A CPU in fp32 gains nothing from it (docs/performance.md measures both)."""
-    pays = device.type == "cuda" or (device.type == "cpu" and precision == "bf16")
+def fast_memory_format(perf: PerfConfig, device: torch.device) -> torch.memory_format:
+    """channels_last where it pays (with `perf.channels_last`): on CUDA, and on a CPU in fp32 and bf16 alike
+    (oneDNN's convolutions, 1.1-1.35x for the lab's step, docs/performance.md); else the plain layout."""
+    pays = device.type in ("cuda", "cpu")
     return torch.channels_last if perf.channels_last and pays else torch.contiguous_format
 
 
-def prepare_models(perf: PerfConfig, device: torch.device, *models: nn.Module, precision: str = "no") -> None:
-    """Turn on cuDNN autotuning (CUDA) and put the models in the fast layout for `precision`, in place.
+def prepare_models(perf: PerfConfig, device: torch.device, *models: nn.Module) -> None:
+    """Turn on cuDNN autotuning (CUDA) and put the models in the fast layout, in place.
 
     The parameters stay the same objects, so optimizers built on them before or after stay valid.
     """
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = perf.cudnn_benchmark
-    if fast_memory_format(perf, device, precision) == torch.channels_last:
+    if fast_memory_format(perf, device) == torch.channels_last:
         for model in models:
             model.to(memory_format=torch.channels_last)
 
@@ -147,7 +147,7 @@ class StepRunner:
     def __init__(self, step: GANStep, perf: PerfConfig, log: Callable[[str], None], warmup_steps: int = WARMUP_STEPS):
         self.step, self.log, self.warmup_steps = step, log, warmup_steps
         self.device = step.accelerator.device
-        self.memory_format = fast_memory_format(perf, self.device, step.accelerator.mixed_precision)
+        self.memory_format = fast_memory_format(perf, self.device)
         self.graph_off = graph_blocker(perf, step.accelerator)  # None: the graph is (to be) used
         self.graph: torch.cuda.CUDAGraph | None = None
         self.checked = False  # whether the graph's first replay has been checked against an eager step

@@ -16,7 +16,7 @@ from accelerate.utils import DistributedDataParallelKwargs, broadcast, parse_fla
 from torch import nn
 
 from dcgan_dist.config import Config, ConfigError
-from dcgan_dist.cpu import CpuBf16, probe_native_bf16
+from dcgan_dist.cpu import CpuBf16, probe_cpu_bf16
 from dcgan_dist.errors import ExplainedError
 
 
@@ -31,14 +31,14 @@ def runs_on_cuda() -> bool:
 
 
 def resolve_precision(precision: str, cpu_bf16: CpuBf16 | None = None) -> str:
-    """`auto`: bf16 where the run's device computes bf16 natively, else `no`. On CUDA: Ampere and later. On a
-    CPU: `cpu_bf16`, by default `probe_native_bf16()` (AMX-BF16 or AVX512-BF16; where bf16 is emulated it is
-    many times slower than fp32). Any other value is returned as it is."""
+    """`auto`: bf16 where it pays on the run's device, else `no`. On CUDA: Ampere and later. On a CPU:
+    `cpu_bf16`, by default `probe_cpu_bf16()` (AMX-BF16; elsewhere bf16 convolutions are slower than
+    fp32, cpu.py). Any other value is returned as it is."""
     if precision != "auto":
         return precision
     if runs_on_cuda():
         return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "no"
-    return "bf16" if (cpu_bf16 or probe_native_bf16()).native else "no"
+    return "bf16" if (cpu_bf16 or probe_cpu_bf16()).pays else "no"
 
 
 def build_accelerator(cfg: Config) -> Accelerator:
@@ -61,7 +61,7 @@ def build_accelerator(cfg: Config) -> Accelerator:
             "on CPU set ACCELERATE_USE_CPU=1 (e.g. ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m dcgan_dist.train)")
     if auto and accelerator.device.type == "cpu" and accelerator.is_main_process:
         print(f"[dcgan-train] precision auto: {'bf16' if cfg.precision == 'bf16' else 'fp32'} on this CPU "
-              f"({probe_native_bf16().why})", flush=True)
+              f"({probe_cpu_bf16().why})", flush=True)
     launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", cfg.precision)
     if launcher_precision != cfg.precision and accelerator.is_main_process:
         print(f"[dcgan-train] note: the launcher asked for mixed precision {launcher_precision!r}; the run's "

@@ -102,7 +102,7 @@ def build_gan(cfg: Config, accelerator: Accelerator, lr_scale: float = 1) -> GAN
     torch.manual_seed(cfg.run.seed)
     G = Generator(cfg.model.nz, cfg.model.ngf, cfg.model.channels)
     D = Discriminator(cfg.model.ndf, cfg.model.channels)
-    prepare_models(cfg.perf, accelerator.device, G, D, precision=cfg.precision)
+    prepare_models(cfg.perf, accelerator.device, G, D)
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.optim.lr_g * lr_scale, betas=cfg.optim.betas_g, fused=True)
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_d * lr_scale, betas=cfg.optim.betas_d, fused=True)
     G, D, opt_g, opt_d = prepare_gan(accelerator, cfg.ddp.batchnorm, G, D, opt_g, opt_d)

@@ -57,10 +57,10 @@ def one_thread_and_cudnn_flag_kept(monkeypatch):
     torch.set_num_threads(threads)
 
 
-def test_prepare_models_converts_in_place_and_only_for_cuda():
+def test_prepare_models_converts_in_place_and_autotunes_only_on_cuda():
     G, D = Generator(nz=16, ngf=8), Discriminator(ndf=8)
     before = [p for m in (G, D) for p in m.parameters()]
-    prepare_models(PerfConfig(), torch.device("cpu"), G, D)
+    prepare_models(PerfConfig(channels_last=False), torch.device("cpu"), G, D)
     assert all(p.is_contiguous() for p in before) and not torch.backends.cudnn.benchmark
     prepare_models(PerfConfig(), PRETEND_CUDA, G, D)
     after = [p for m in (G, D) for p in m.parameters()]
@@ -135,11 +135,11 @@ def test_step_updates_every_running_tensor_in_place():
 
 def test_runner_on_cpu_is_the_eager_step_and_says_why_once():
     lines: list[str] = []
-    runner_step, plain = build(), build()
+    runner_step, plain = build(channels_last=True), build(channels_last=True)  # as prepare_models leaves a CPU run
     runner = StepRunner(runner_step, load_config().perf, lines.append)
     for seed in range(3):
-        out = runner(batch(seed), collect_grad_norms=seed == 2)
-        plain(batch(seed))
+        out = runner(batch(seed), collect_grad_norms=seed == 2)  # the runner puts the batch in channels_last
+        plain(batch(seed, channels_last=True))
     assert out.grad_norms_g["total"] > 0
     assert len(lines) == 1 and "eager steps (the device is cpu, and CUDA graphs need a CUDA GPU)" in lines[0]
     for a, b in zip([*runner_step.G.parameters(), *runner_step.D.parameters()], [*plain.G.parameters(),

@@ -147,7 +147,7 @@ def test_auto_precision_is_bf16_only_on_a_bf16_cuda_gpu(monkeypatch):
     from dcgan_dist.parallel import resolve_precision
 
     # a CPU without native bf16 (tests/test_cpu_fastpath.py covers the CPU's own decision)
-    monkeypatch.setattr(dcgan_dist.parallel, "probe_native_bf16", lambda: CpuBf16(False, "emulated"))
+    monkeypatch.setattr(dcgan_dist.parallel, "probe_cpu_bf16", lambda: CpuBf16(False, "emulated"))
     assert resolve_precision("fp16") == "fp16"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_precision("auto") == "no"
@@ -165,7 +165,7 @@ def test_auto_precision_runs_in_fp32_on_cpu_and_the_log_says_so(monkeypatch):
     import dcgan_dist.parallel
     from dcgan_dist.cpu import CpuBf16
 
-    monkeypatch.setattr(dcgan_dist.parallel, "probe_native_bf16", lambda: CpuBf16(False, "emulated"))
+    monkeypatch.setattr(dcgan_dist.parallel, "probe_cpu_bf16", lambda: CpuBf16(False, "emulated"))
     cfg = load_config(None, [])
     assert cfg.precision == "auto"
     acc = build_accelerator(cfg)
