@@ -15,6 +15,12 @@ the reference is timed over its steps after three untimed ones, loading included
 
     python benchmarks/cpu_throughput.py --data /data/celeba-jpegs         # widths 32 and 64, batch 64
     python benchmarks/cpu_throughput.py --small                           # synthetic JPEGs, tiny, one thread
+    python benchmarks/cpu_throughput.py --data /data/celeba-jpegs --sweep # threads x loader workers x shard format
+
+--sweep runs the fast case alone at the first width for every torch thread count from 1 to the cores, every
+`data.workers` in 0, 1, 2, from png shards (the default format: decoded in the loader's workers, or in the
+training process with 0 workers) and from raw ones (no decoding): the measurements behind `perf.cpu_threads:
+auto` and the presets' `data.workers`.
 
 Shards are built with `dcgan-shards build --format raw` (into --workdir, kept for the next run). The JSON
 goes to benchmarks/results/<date>-cpu-<machine>.json: every run, the medians per case and width, the ratios.
@@ -46,7 +52,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from torchvision import datasets, transforms  # noqa: E402
 
 from dcgan_dist.config import load_config  # noqa: E402
-from dcgan_dist.cpu import probe_cpu_bf16  # noqa: E402
+from dcgan_dist.cpu import probe_cpu_bf16, usable_cores  # noqa: E402
 from dcgan_dist.train import train  # noqa: E402
 
 CASES = ("reference", "fp32", "fast", "bf16")
@@ -99,6 +105,7 @@ def run_trainer(spec: dict) -> dict:
                              f"train.batch_size={spec['batch']}", "train.epochs=1000", f"train.max_steps={2 * k}",
                              f"log.every={k}", f"log.images_every={100 * k}", f"ckpt.every={100 * k}",
                              "diag.enabled=false", f"perf.cpu_threads={spec['threads'] or 'auto'}",
+                             *([f"data.workers={spec['workers']}"] if spec.get("workers") is not None else []),
                              *TRAINER_OVERRIDES[spec["case"]]])
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
@@ -124,8 +131,9 @@ def run_case(case: str, spec: dict, timeout: float) -> dict:
             "load1_after": round(os.getloadavg()[0], 2)}
 
 
-def prepare_data(args: argparse.Namespace, sizes: Sizes, work: Path) -> tuple[Path, Path]:
-    """(ImageFolder root, shard folder): synthetic JPEGs with --small; shards built once with `dcgan-shards`."""
+def prepare_data(args: argparse.Namespace, sizes: Sizes, work: Path) -> tuple[Path, dict[str, Path]]:
+    """(ImageFolder root, {format: shard folder}): synthetic JPEGs with --small; raw shards (png too for
+    --sweep) built once with `dcgan-shards`."""
     shards_cli = shutil.which("dcgan-shards", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     if shards_cli is None:
         sys.exit("cpu_throughput: the dcgan-shards command is missing; install the project (pip install -e .)")
@@ -137,10 +145,11 @@ def prepare_data(args: argparse.Namespace, sizes: Sizes, work: Path) -> tuple[Pa
         jpegs = source / "img_align_celeba"
     else:
         source = jpegs = args.data.resolve()
-    shards = work / "shards"
-    if not (shards / "manifest.json").is_file():
-        subprocess.run([shards_cli, "build", "--source", str(source), "--out", str(shards), "--format", "raw"],
-                       check=True, capture_output=True)
+    shards = {"raw": work / "shards", **({"png": work / "shards-png"} if args.sweep else {})}
+    for fmt, folder in shards.items():
+        if not (folder / "manifest.json").is_file():
+            subprocess.run([shards_cli, "build", "--source", str(source), "--out", str(folder), "--format", fmt],
+                           check=True, capture_output=True)
     folder = work / "imagefolder"  # ImageFolder wants class folders: one, linking to the JPEGs
     if not (folder / "faces").exists():
         folder.mkdir(parents=True, exist_ok=True)
@@ -163,6 +172,28 @@ def summarise(runs: list[dict], widths: tuple[int, ...]) -> list[dict]:
     return table
 
 
+def round_specs(sweep: bool, sizes: Sizes, threads: int | None, folder: Path, shards: dict[str, Path],
+                work: Path) -> list[tuple[str, dict]]:
+    """One round's (case, spec) in order: every case at every width, or with `sweep` the fast case at the first
+    width for every shard format, thread count (1 to the cores, or `threads`) and loader worker count (0, 1, 2)."""
+    common = {"batch": sizes.batch, "steps": sizes.steps, "folder": str(folder), "work": str(work)}
+    if not sweep:
+        return [(case, {**common, "width": width, "threads": threads, "shards": str(shards["raw"])})
+                for width in sizes.widths for case in CASES]
+    return [("fast", {**common, "width": sizes.widths[0], "threads": t, "workers": w, "format": fmt,
+                      "shards": str(shards[fmt])})
+            for fmt in shards for t in ([threads] if threads else range(1, usable_cores() + 1)) for w in (0, 1, 2)]
+
+
+def sweep_summary(runs: list[dict]) -> list[dict]:
+    """The median img/s of every (format, threads, workers) of a sweep, fastest first."""
+    keys = dict.fromkeys((r["format"], r["threads"], r["workers"]) for r in runs if "img_per_s" in r)
+    table = [{"format": f, "threads": t, "workers": w, "median_img_per_s": round(statistics.median(
+        r["img_per_s"] for r in runs if (r.get("format"), r.get("threads"), r.get("workers")) == (f, t, w)), 1)}
+        for f, t, w in keys]
+    return sorted(table, key=lambda row: -row["median_img_per_s"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, help="a folder of face JPEGs (CelebA's or similar) for both loaders")
@@ -170,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default: 3, small: 2)")
     parser.add_argument("--threads", type=int, help="torch threads in every case (default: each case's own "
                         "choice, torch's default and perf.cpu_threads auto; small: 1)")
+    parser.add_argument("--sweep", action="store_true", help="threads x loader workers x shard format, fast case only")
     parser.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/<date>-cpu-<machine>.json)")
     parser.add_argument("--workdir", type=Path, help="keep shards here between runs (default: a temp dir)")
     parser.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)
@@ -203,31 +235,35 @@ def main(argv: list[str] | None = None) -> int:
         folder, shards = prepare_data(args, sizes, work)
         report["data_seconds"] = round(time.perf_counter() - started, 1)
         for round_index in range(rounds):
-            for width in sizes.widths:
-                for case in CASES:
-                    spec = {"width": width, "batch": sizes.batch, "steps": sizes.steps, "threads": threads,
-                            "folder": str(folder),
-                            "shards": str(shards), "work": str(work)}
-                    result = {"case": case, "width": width, "round": round_index, **run_case(case, spec, 900)}
-                    report["runs"].append(result)
-                    if "error" in result:
-                        report["errors"].append(result)
-                    shown = f"{result['img_per_s']:.1f} img/s" if "img_per_s" in result else result["error"]
-                    print(f"round {round_index} width {width:>3} {case:<9} {shown} (load {result.get('load1_before')})",
-                          flush=True)
-                    report["summary"] = summarise(report["runs"], sizes.widths)
-                    tt.write_json(out, report)
+            for case, spec in round_specs(args.sweep, sizes, threads, folder, shards, work):
+                result = {"case": case, **{k: spec[k] for k in ("width", "threads", "workers", "format") if k in spec},
+                          "round": round_index, **run_case(case, spec, 900)}
+                report["runs"].append(result)
+                if "error" in result:
+                    report["errors"].append(result)
+                shown = f"{result['img_per_s']:.1f} img/s" if "img_per_s" in result else result["error"]
+                settings = (f"{spec['format']} shards, {spec['threads']} threads, {spec['workers']} workers"
+                            if args.sweep else f"{case:<9}")
+                print(f"round {round_index} width {spec['width']:>3} {settings} {shown} "
+                      f"(load {result.get('load1_before')})", flush=True)
+                report["summary"] = sweep_summary(report["runs"]) if args.sweep else summarise(report["runs"], sizes.widths)
+                tt.write_json(out, report)
     report["seconds"] = round(time.perf_counter() - started, 1)
     report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     tt.write_json(out, report)
-    print(f"\n{'width':>5} " + " ".join(f"{c:>10}" for c in CASES)
-          + " " + " ".join(f"{c + '/ref':>9}" for c in TRAINER_CASES) + "   (img/s, medians)")
-    for r in report["summary"]:
-        m = r["median_img_per_s"]
-        cells = [f"{m[c]:>10.1f}" if m[c] is not None else f"{'-':>10}" for c in CASES]
-        ratios = [f"{r[k]:>9.2f}" if r[k] is not None else f"{'-':>9}"
-                  for k in (f"{c}_vs_reference" for c in TRAINER_CASES)]
-        print(f"{r['width']:>5} {' '.join(cells)} {' '.join(ratios)}")
+    if args.sweep:
+        print(f"\n{'format':>6} {'threads':>7} {'workers':>7} {'img/s':>8}   (medians)")
+        for r in report["summary"]:
+            print(f"{r['format']:>6} {r['threads']:>7} {r['workers']:>7} {r['median_img_per_s']:>8.1f}")
+    else:
+        print(f"\n{'width':>5} " + " ".join(f"{c:>10}" for c in CASES)
+              + " " + " ".join(f"{c + '/ref':>9}" for c in TRAINER_CASES) + "   (img/s, medians)")
+        for r in report["summary"]:
+            m = r["median_img_per_s"]
+            cells = [f"{m[c]:>10.1f}" if m[c] is not None else f"{'-':>10}" for c in CASES]
+            ratios = [f"{r[k]:>9.2f}" if r[k] is not None else f"{'-':>9}"
+                      for k in (f"{c}_vs_reference" for c in TRAINER_CASES)]
+            print(f"{r['width']:>5} {' '.join(cells)} {' '.join(ratios)}")
     print(f"{len(report['runs'])} runs, {len(report['errors'])} errors, {report['seconds']}s; {out}", flush=True)
     return 1 if report["errors"] else 0
 

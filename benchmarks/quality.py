@@ -15,6 +15,8 @@ saw is the reference of FID and KID, for the reference's G, our G and our G's av
         --steps 5000 --samples 5000 --workers 8
     # the harness on synthetic faces in about a minute (with the standard FID network: minutes on a CPU)
     python benchmarks/quality.py --small
+    # ours in fp32 and in bf16 side by side, with the diagnostics' diversity and alarms, one thread each
+    python benchmarks/quality.py --images /data/celeba-half-10k --precisions no bf16 --diag-every 50 --threads 1
 
 Every generator is sampled the same way (the same latents, BatchNorm batch statistics in batches of
 64, as dcgan-eval does). FID is biased upward at small sample counts (at 500 samples by tens of
@@ -57,7 +59,6 @@ from dcgan_dist.quality.reference import reference_stats  # noqa: E402
 from dcgan_dist.train import train  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
-MODELS = ("reference", "ours", "ours EMA")
 # the reference recipe's hyperparameters (pytorch/examples dcgan/main.py defaults)
 REFERENCE_LR, REFERENCE_BETAS, NZ = 2e-4, (0.5, 0.999), 100
 SAMPLE_SEED = 0  # the latents every model is sampled with
@@ -134,19 +135,39 @@ def train_reference(train_root: Path, steps: int, batch: int, ngf: int, ndf: int
     return netG
 
 
-def train_ours(shards: Path, run_dir: Path, steps: int, batch: int, ngf: int, ndf: int, workers: int,
-               seed: int) -> dict[str, nn.Module]:
-    """dcgan-train with its defaults for `steps` steps; its G and its moving average, from the run's exports."""
+def model_names(precisions: list[str]) -> list[str]:
+    """The rows of a table: the reference, then our G and its average per trainer precision ("ours" alone
+    when there is one precision)."""
+    names = ["reference"]
+    for precision in precisions:
+        ours = "ours" if len(precisions) == 1 else f"ours {'fp32' if precision == 'no' else precision}"
+        names += [ours, f"{ours} EMA"]
+    return names
+
+
+def train_ours(shards: Path, run_dir: Path, steps: int, batch: int, ngf: int, ndf: int, workers: int, seed: int,
+               precision: str, threads: int | None, diag_every: int) -> tuple[nn.Module, nn.Module, dict]:
+    """dcgan-train with its defaults (but `precision`, `perf.cpu_threads` and the diagnostics) for `steps` steps:
+    its G and its moving average from the run's exports, and what the run says of itself (the precision it
+    resolved to; with diagnostics, the last diversity ratio and the alarms that fired)."""
     from accelerate.state import AcceleratorState
 
+    from dcgan_dist.report import load_run
+
     AcceleratorState._reset_state(reset_partial_state=True)  # a fresh Accelerator for every run in this process
+    diag = [f"diag.every={diag_every}"] if diag_every else ["diag.enabled=false"]
     cfg = load_config(None, [f"data.source={shards}", f"run.dir={run_dir}", "run.fresh=true", f"run.seed={seed}",
                              f"train.batch_size={batch}", f"train.max_steps={steps}", "train.epochs=1000",
-                             f"model.ngf={ngf}", f"model.ndf={ndf}", f"data.workers={workers}",
-                             "diag.enabled=false", f"ckpt.every={steps}", "ckpt.keep=1", f"log.every={steps}"])
+                             f"model.ngf={ngf}", f"model.ndf={ndf}", f"data.workers={workers}", f"precision={precision}",
+                             f"perf.cpu_threads={threads or 'auto'}", *diag,
+                             f"ckpt.every={steps}", "ckpt.keep=1", f"log.every={steps}"])
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         train(cfg)
-    return {"ours": load_generator(run_dir / RAW_GENERATOR_EXPORT), "ours EMA": load_generator(run_dir / GENERATOR_EXPORT)}
+    facts = {"precision": cfg.precision}
+    if diag_every:
+        run = load_run(run_dir)
+        facts.update(diversity_ratio=run.final("diversity/ratio"), alarms=sorted({a["alarm"] for a in run.alarms}))
+    return load_generator(run_dir / RAW_GENERATOR_EXPORT), load_generator(run_dir / GENERATOR_EXPORT), facts
 
 
 def measure(G: nn.Module, samples: int, extractor: FeatureExtractor, real, device: torch.device) -> dict:
@@ -170,14 +191,22 @@ def machine() -> dict:
 
 
 def summarise(runs: list[dict]) -> dict:
-    """Mean and spread over seeds, per model."""
+    """Mean and spread over seeds, per model (in the order of the runs)."""
     out = {}
-    for model in MODELS:
+    for model in dict.fromkeys(r["model"] for r in runs):
         rows = [r for r in runs if r["model"] == model]
         if rows:
             out[model] = {k: {"mean": float(np.mean([r[k] for r in rows])), "std": float(np.std([r[k] for r in rows]))}
                           for k in ("fid", "kid", "train_seconds")}
     return out
+
+
+def diagnosed(row: dict) -> str:
+    """A run's diagnostics in a table cell: its last diversity ratio and its alarms (with --diag-every)."""
+    if "alarms" not in row:
+        return ""
+    ratio = "-" if row["diversity_ratio"] is None else f"{row['diversity_ratio']:.2f}"
+    return f" (diversity {ratio}, alarms: {', '.join(row['alarms']) or 'none'})"
 
 
 def table(report: dict) -> str:
@@ -186,7 +215,7 @@ def table(report: dict) -> str:
     lines = [f"| model | FID ({s['samples']:,} vs {s['holdout']:,}; biased at this N) | KID x 1000 (unbiased) "
              "| per seed: FID / KID x 1000 | train s (mean) |", "|---|---|---|---|---|"]
     for model, summary in report["summary"].items():
-        per_seed = "; ".join(f"seed {r['seed']}: {r['fid']:.1f} / {r['kid'] * 1000:.1f}"
+        per_seed = "; ".join(f"seed {r['seed']}: {r['fid']:.1f} / {r['kid'] * 1000:.1f}" + diagnosed(r)
                              for r in report["runs"] if r["model"] == model)
         lines.append(f"| {model} | {summary['fid']['mean']:.1f} +- {summary['fid']['std']:.1f} | "
                      f"{summary['kid']['mean'] * 1000:.1f} +- {summary['kid']['std'] * 1000:.1f} | {per_seed} | "
@@ -203,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.add_argument(f"--{key}", type=int, default=None, help=f"default {value} ({SMALL[key]} with --small)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1")
     parser.add_argument("--workers", type=int, default=2, help="loader workers of both (main.py's default: 2)")
+    parser.add_argument("--precisions", nargs="+", default=["auto"], choices=["auto", "no", "bf16", "fp16"],
+                        help="our trainer once per precision (default: auto; the reference is always fp32)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of both (default: torch's choice)")
+    parser.add_argument("--diag-every", type=int, default=0,
+                        help="our runs with diagnostics every N steps: the last diversity ratio and alarms per run")
     parser.add_argument("--inception", type=Path, default=None, help="another TorchScript FID network (tests)")
     parser.add_argument("--workdir", type=Path, help="keep links, shards and runs here (default: a temp dir)")
     parser.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/quality-<date>-<machine>.json)")
@@ -212,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = {**(SMALL if args.small else FULL)}
     sizes.update({k: getattr(args, k) for k in FULL if getattr(args, k) is not None})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     info = machine()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     slug = re.sub(r"[^a-z0-9]+", "-", (info.get("gpu") or f"cpu-{info['cpus']}core").lower()).strip("-")
@@ -236,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         extractor = FeatureExtractor(args.inception, device=device)
         real = reference_stats(test_shards, "train", None, extractor, log=log)
         settings = {**{k: v for k, v in sizes.items() if k != "images"}, "images": len(images), "nz": NZ,
-                    "workers": args.workers, "sample_seed": SAMPLE_SEED, "bn": "batch", "device": str(device),
+                    "workers": args.workers, "threads": torch.get_num_threads(), "precisions": args.precisions,
+                    "diag_every": args.diag_every, "sample_seed": SAMPLE_SEED, "bn": "batch", "device": str(device),
                     "network": extractor.describe(), "reference_lr": REFERENCE_LR,
                     "reference_betas": list(REFERENCE_BETAS), "source": "synthetic" if args.small else "--images"}
         report = {"date": date, "command": " ".join(["python", "benchmarks/quality.py", *(argv or sys.argv[1:])]),
@@ -246,16 +283,24 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             models = {"reference": train_reference(train_root, sizes["steps"], sizes["batch"], sizes["ngf"],
                                                    sizes["ndf"], args.workers, seed, device)}
-            seconds = {"reference": time.perf_counter() - t}
-            t = time.perf_counter()
-            models.update(train_ours(shards, work / f"run-{seed}", sizes["steps"], sizes["batch"], sizes["ngf"],
-                                     sizes["ndf"], args.workers, seed))
-            seconds["ours"] = seconds["ours EMA"] = time.perf_counter() - t
-            log(f"seed {seed}: trained (reference {seconds['reference']:.0f}s, ours {seconds['ours']:.0f}s)")
-            for model in MODELS:
+            seconds, facts = {"reference": time.perf_counter() - t}, {"reference": {"precision": "no"}}
+            names = iter(model_names(args.precisions)[1:])
+            for precision in args.precisions:
+                ours, ours_ema = next(names), next(names)
+                run_dir = work / (f"run-{seed}" if len(args.precisions) == 1 else f"run-{precision}-{seed}")
+                t = time.perf_counter()
+                models[ours], models[ours_ema], facts[ours] = train_ours(
+                    shards, run_dir, sizes["steps"], sizes["batch"], sizes["ngf"], sizes["ndf"], args.workers, seed,
+                    precision, args.threads, args.diag_every)
+                seconds[ours] = seconds[ours_ema] = time.perf_counter() - t
+                facts[ours_ema] = facts[ours]
+            log(f"seed {seed}: trained (" + ", ".join(f"{m} {s:.0f}s" for m, s in seconds.items()
+                                                      if not m.endswith("EMA")) + ")")
+            for model in models:
                 t = time.perf_counter()
                 row = {"model": model, "seed": seed, **measure(models[model], sizes["samples"], extractor, real, device),
-                       "train_seconds": round(seconds[model], 1), "eval_seconds": round(time.perf_counter() - t, 1)}
+                       **facts[model], "train_seconds": round(seconds[model], 1),
+                       "eval_seconds": round(time.perf_counter() - t, 1)}
                 report["runs"].append(row)
                 log(f"seed {seed} {model}: FID {row['fid']:.2f}, KID x 1000 {row['kid'] * 1000:.2f}")
             report["summary"] = summarise(report["runs"])

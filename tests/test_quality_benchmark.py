@@ -32,3 +32,27 @@ def test_small_run_measures_every_model_of_every_seed(tmp_path, fid_stand_in):
         assert (work / f"run-{seed}" / "checkpoints" / "step-00000012" / "G_ema.safetensors").is_file()
     assert set(report["summary"]) == {"reference", "ours", "ours EMA"}
     assert "| ours EMA |" in proc.stdout and "KID x 1000 (unbiased)" in proc.stdout
+
+
+def test_small_run_compares_our_precisions_with_their_diagnostics(tmp_path, fid_stand_in):
+    """--precisions no bf16: one trainer run per precision, each row says the precision that ran and, with
+    --diag-every, the run's last diversity ratio and its alarms as the run's own files record them."""
+    from dcgan_dist.report import load_run
+
+    out, work = tmp_path / "quality.json", tmp_path / "work"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--small", "--inception", str(fid_stand_in), "--out", str(out),
+                           "--workdir", str(work), "--workers", "0", "--seeds", "0", "--threads", "1",
+                           "--precisions", "no", "bf16", "--diag-every", "6"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["settings"]["threads"] == 1 and report["settings"]["precisions"] == ["no", "bf16"]
+    rows = {r["model"]: r for r in report["runs"]}
+    assert list(rows) == ["reference", "ours fp32", "ours fp32 EMA", "ours bf16", "ours bf16 EMA"]
+    assert [rows[m]["precision"] for m in rows] == ["no", "no", "no", "bf16", "bf16"]
+    for precision, label in (("no", "ours fp32"), ("bf16", "ours bf16")):
+        run = load_run(work / f"run-{precision}-0")
+        assert rows[label]["diversity_ratio"] == run.final("diversity/ratio") is not None
+        assert rows[label]["alarms"] == sorted({a["alarm"] for a in run.alarms})
+        assert f"| {label} |" in proc.stdout
+    assert "diversity" in proc.stdout and "alarms:" in proc.stdout
