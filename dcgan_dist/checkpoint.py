@@ -10,8 +10,9 @@ main process writes.
 
 `resume_or_start` is how a run begins: from the newest checkpoint that verifies against its
 checksums (a damaged one is reported in one line and passed over), with the rules that let it
-continue on another number of processes. Checkpoints written before checksums existed have no
-checksums.json: they are loaded unverified, with a note.
+continue on another number of processes; a run with no checkpoint of its own may start from another
+run's (`run.init_from`). Checkpoints written before checksums existed have no checksums.json: they
+are loaded unverified, with a note.
 
 With `model.ema_decay` > 0 a checkpoint also holds `G_ema.safetensors` (G's moving average), and
 state.pt the EMA's update count. The inference export beside the checkpoints is
@@ -33,6 +34,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dcgan_dist.config import ConfigError
 from dcgan_dist.errors import ExplainedError, first_line, summary
 from dcgan_dist.fileio import atomic_path, sha256_of
 from dcgan_dist.parallel import on_main_process
@@ -338,14 +340,33 @@ def load_ema(path: Path, blob: dict, gan_step: GANStep) -> None:
     ema.updates.copy_(blob["ema_updates"])
 
 
-def resume_or_start(accelerator: Accelerator, run_dir: Path, gan_step: GANStep, fixed_noise: torch.Tensor,
-                    batch_size: int, learning_rates: tuple[float, float]) -> tuple[TrainingState, Path | None]:
-    """The run's training state and the checkpoint it resumed from: the newest one in `run_dir` that verifies
-    (`choose_checkpoint`, on the main process; every rank loads the one it chose), loaded into `gan_step`,
-    or none and a fresh state at step 0 (with `fixed_noise` for the sample grids).
+def initial_checkpoint(init_from: str | Path, step: int | None = None) -> Path:
+    """The checkpoint `run.init_from` names: a checkpoint folder itself, or a run folder's newest checkpoint
+    that verifies (`step`, when already chosen). Raises ConfigError when there is none, CheckpointError when
+    the checkpoint is damaged; both name the key."""
+    source = Path(init_from)
+    if (source / "state.pt").is_file():
+        if step is None and not (verdict := verify_checkpoint(source)).usable:
+            raise CheckpointError(f"config key 'run.init_from': checkpoint {source} is damaged ({verdict.detail})")
+        return source
+    if step is None:
+        step = choose_checkpoint(source)
+        if step is None:
+            raise ConfigError(f"config key 'run.init_from': {source} holds no checkpoint; expected a run folder "
+                              "with checkpoints/step-NNNNNNNN or one such folder")
+    return source / CHECKPOINT_DIR / f"step-{step:08d}"
 
-    A resume may run on another number of processes or another per-process `batch_size` (a requeue on
-    other nodes). Two rules keep it right:
+
+def resume_or_start(accelerator: Accelerator, run_dir: Path, gan_step: GANStep, fixed_noise: torch.Tensor,
+                    batch_size: int, learning_rates: tuple[float, float],
+                    init_from: str = "") -> tuple[TrainingState, Path | None, Path | None]:
+    """The run's training state, the checkpoint it resumed from and the one it was initialised from: the
+    newest one in `run_dir` that verifies (`choose_checkpoint`, on the main process; every rank loads the one
+    it chose), else the checkpoint `init_from` names (`run.init_from`), loaded into `gan_step`; else a fresh
+    state at step 0 (with `fixed_noise` for the sample grids).
+
+    A start from a checkpoint may run on another number of processes or another per-process `batch_size` (a
+    requeue on other nodes). Two rules keep it right:
     * the data position is counted in samples: the epoch goes on after as many samples as were seen,
       in whole batches of the new global size;
     * the learning rates are `learning_rates` (G, D) as the config and the world size give them now
@@ -353,10 +374,19 @@ def resume_or_start(accelerator: Accelerator, run_dir: Path, gan_step: GANStep, 
     """
     world = accelerator.num_processes
     step = on_main_process(accelerator, "choose a checkpoint to resume from", lambda: choose_checkpoint(run_dir))
-    if step is None:
+    resumed_from = initialised_from = None
+    if step is not None:
+        path = resumed_from = Path(run_dir) / CHECKPOINT_DIR / f"step-{step:08d}"
+    elif init_from:
+        def check() -> int:  # on the main process: the chosen checkpoint's step (-1: a folder named otherwise)
+            chosen = initial_checkpoint(init_from)
+            return _step(chosen) if _NAME.match(chosen.name) else -1
+
+        path = initialised_from = initial_checkpoint(init_from, on_main_process(
+            accelerator, "find run.init_from's checkpoint", check))
+    else:
         return TrainingState(step=0, epoch=0, batch_in_epoch=0, fixed_noise=fixed_noise, world_size=world,
-                             batch_size=batch_size), None
-    path = Path(run_dir) / CHECKPOINT_DIR / f"step-{step:08d}"
+                             batch_size=batch_size), None, None
     state = load_checkpoint(accelerator, path, gan_step)
     if (state.world_size, state.batch_size) != (world, batch_size):
         seen = state.batch_in_epoch * state.world_size * state.batch_size
@@ -365,4 +395,4 @@ def resume_or_start(accelerator: Accelerator, run_dir: Path, gan_step: GANStep, 
     for opt, lr in zip((gan_step.opt_g, gan_step.opt_d), learning_rates):
         for group in opt.param_groups:
             group["lr"] = lr
-    return state, path
+    return state, resumed_from, initialised_from

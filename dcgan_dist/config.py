@@ -63,6 +63,9 @@ class RunConfig:
     dir: str = field(default="runs/default", metadata=check(_path("a folder, e.g. runs/celeba64")))
     seed: int = field(default=0, metadata=check(_non_negative))
     fresh: bool = False  # True: delete the run's checkpoints and events and start over
+    # a run folder or one of its checkpoint folders: a run with no checkpoint of its own starts from that
+    # checkpoint's weights, optimizers, step and data position (e.g. unbalancing a healthy run); "": step 0
+    init_from: str = ""
 
 
 @dataclass
@@ -85,6 +88,9 @@ class TrainConfig:
     max_steps: int = field(default=0, metadata=check(_non_negative))  # the step budget (epochs then unused); 0: epochs
     max_nonfinite: int = field(default=10, metadata=check(_positive))
     stop_check_every: int = field(default=10, metadata=check(_positive))  # steps between the ranks' stop-signal checks
+    # G updates per step: the first on the D step's fakes (the lab's), the others on new z against the same D;
+    # more than 1 unbalances the game (configs/mode_collapse.yaml)
+    g_steps: int = field(default=1, metadata=check(_positive))
 
 
 @dataclass

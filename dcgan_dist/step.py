@@ -129,9 +129,9 @@ class GANStep:
 
     def __init__(self, accelerator: Accelerator, G: nn.Module, D: nn.Module,
                  opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, loss: LossConfig, nz: int, seed: int,
-                 ema_decay: float = 0.0, ema_rampup: float = 0.0):
+                 ema_decay: float = 0.0, ema_rampup: float = 0.0, g_steps: int = 1):
         self.accelerator, self.G, self.D, self.opt_g, self.opt_d = accelerator, G, D, opt_g, opt_d
-        self.loss, self.nz = loss, nz
+        self.loss, self.nz, self.g_steps = loss, nz, g_steps
         for opt in (opt_g, opt_d):
             if not all(group.get("fused") for group in opt.param_groups):
                 raise ValueError("GANStep needs optimizers that skip a step from a device flag: "
@@ -179,6 +179,14 @@ class GANStep:
             acc.unscale_gradients(self.opt_g)
             out.grad_norms_g = layer_grad_norms(self.G)
         skipped_g = self._optimizer_step(self.opt_g)
+        # train.g_steps > 1 (the lab's unbalanced game): more G updates against the same D, each on new z;
+        # the statistics are the first update's, a skip in any of them counts
+        for _ in range(self.g_steps - 1):
+            z = torch.randn(real.shape[0], self.nz, 1, 1, device=acc.device, generator=self.noise)
+            with frozen(self.D_bare):
+                again = generator_loss(self.D_bare(self.G(z)), self.loss.generator)
+            acc.backward(nan_gradients_if_nonfinite(again))
+            skipped_g = torch.maximum(skipped_g, self._optimizer_step(self.opt_g))
         if self.ema is not None:
             self.ema.update()
 

@@ -107,7 +107,7 @@ def build_gan(cfg: Config, accelerator: Accelerator, lr_scale: float = 1) -> GAN
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_d * lr_scale, betas=cfg.optim.betas_d, fused=True)
     G, D, opt_g, opt_d = prepare_gan(accelerator, cfg.ddp.batchnorm, G, D, opt_g, opt_d)
     return GANStep(accelerator, G, D, opt_g, opt_d, cfg.loss, cfg.model.nz, cfg.run.seed,
-                   ema_decay=cfg.model.ema_decay, ema_rampup=cfg.model.ema_rampup)
+                   ema_decay=cfg.model.ema_decay, ema_rampup=cfg.model.ema_rampup, g_steps=cfg.train.g_steps)
 
 
 def fixed_noise(cfg: Config, accelerator: Accelerator) -> torch.Tensor:
@@ -130,7 +130,7 @@ def run_training(cfg: Config, accelerator: Accelerator, stop: StopRequest, held:
     runs it, eagerly or as a CUDA graph; `state.step` counts the steps done. `held` keeps the run
     folder's lock.
     """
-    from dcgan_dist.checkpoint import resume_or_start
+    from dcgan_dist.checkpoint import checkpoint_dirs, resume_or_start
     from dcgan_dist.cpu import apply_cpu_plan
     from dcgan_dist.data import make_batch_source
     from dcgan_dist.data.prepare import resolve_source
@@ -139,12 +139,15 @@ def run_training(cfg: Config, accelerator: Accelerator, stop: StopRequest, held:
     from dcgan_dist.metrics import RunLogger
     from dcgan_dist.quality.in_training import TrainingEvaluator, check_eval_config
 
-    # --- this process's CPU threads and loader workers, data, then the run folder: a data.source that is
-    # not there fails before anything is written
+    # --- this process's CPU threads and loader workers, data, then the run folder: a data.source (or, for a
+    # run with no checkpoint of its own, a run.init_from) that is not there fails before anything is written
     cpu_plan = apply_cpu_plan(cfg, accelerator.num_processes)
     if accelerator.is_main_process:
         print(cpu_plan.line(), flush=True)
     cfg.data.source = resolve_source(cfg.data, cfg.run.seed, accelerator)
+    if cfg.run.init_from and not Path(cfg.run.init_from).exists() and not checkpoint_dirs(Path(cfg.run.dir)):
+        raise ConfigError(f"config key 'run.init_from': {cfg.run.init_from} does not exist; expected a run folder "
+                          "or one of its checkpoints/step-NNNNNNNN folders")
     if cfg.eval.every:
         check_eval_config(cfg)  # shards and the FID network there, before any work
     world = accelerator.num_processes
@@ -152,16 +155,17 @@ def run_training(cfg: Config, accelerator: Accelerator, stop: StopRequest, held:
                                world_size=world, seed=cfg.run.seed)
     run_dir = prepare_run_dir(cfg, accelerator, held)
 
-    # --- the step, and the state to start from: the newest checkpoint that verifies, or step 0
+    # --- the step, and the state to start from: the newest checkpoint that verifies, else run.init_from's, else step 0
     lr_scale = world if cfg.optim.scale_lr else 1
     gan_step = build_gan(cfg, accelerator, lr_scale)
-    state, resumed_from = resume_or_start(accelerator, run_dir, gan_step, fixed_noise(cfg, accelerator),
-                                          cfg.train.batch_size, (cfg.optim.lr_g * lr_scale, cfg.optim.lr_d * lr_scale))
+    state, resumed_from, initialised_from = resume_or_start(
+        accelerator, run_dir, gan_step, fixed_noise(cfg, accelerator), cfg.train.batch_size,
+        (cfg.optim.lr_g * lr_scale, cfg.optim.lr_d * lr_scale), cfg.run.init_from)
     total = total_steps(cfg, source.batches_per_epoch)
 
     # --- what the user sees, and how the step runs
     log = RunLogger(accelerator, run_dir, state.step, total)
-    announce_run(cfg, accelerator, log, source, gan_step, state, total, resumed_from)
+    announce_run(cfg, accelerator, log, source, gan_step, state, total, resumed_from, initialised_from)
     runner = StepRunner(gan_step, cfg.perf, log.message)  # after the resume: a CUDA graph fixes the state it captures
     diagnostics = Diagnostics.for_run(cfg, accelerator, source, run_dir, state.step, log)
     evaluator = TrainingEvaluator.for_run(cfg, accelerator, run_dir, state.step, gan_step.ema is not None, log)
@@ -208,8 +212,8 @@ def run_training(cfg: Config, accelerator: Accelerator, stop: StopRequest, held:
 
 
 def announce_run(cfg: Config, accelerator: Accelerator, log: RunLogger, source: BatchSource, gan_step: GANStep,
-                 state: TrainingState, total: int, resumed_from: Path | None) -> None:
-    """The run's first console lines; on a fresh start also the config and real images in TensorBoard."""
+                 state: TrainingState, total: int, resumed_from: Path | None, initialised_from: Path | None) -> None:
+    """The run's first console lines; on a new run (not a resume) also the config and real images in TensorBoard."""
     from dcgan_dist.checkpoint import EMA_FILE, GENERATOR_EXPORT, RAW_GENERATOR_EXPORT
     from dcgan_dist.models import count_parameters
 
@@ -228,6 +232,9 @@ def announce_run(cfg: Config, accelerator: Accelerator, log: RunLogger, source: 
         if gan_step.ema is not None and not (resumed_from / EMA_FILE).is_file():
             log.message(f"[dcgan-train] {resumed_from} holds no moving average of G: it starts from the loaded G")
     else:
+        if initialised_from is not None:
+            log.message(f"[dcgan-train] run.init_from: starting from {initialised_from} (step {state.step}, "
+                        f"epoch {state.epoch}, batch {state.batch_in_epoch}); this run's settings from here on")
         log.text("config", 0, "```\n" + config_to_yaml(cfg) + "\n```")
         first = next(iter(source.batches(0)))
         log.grid("images/real", 0, first.images[:REAL_GRID_SAMPLES])

@@ -104,7 +104,7 @@ def test_damaged_latest_checkpoint_is_reported_in_one_line_and_passed_over(run_d
     accelerator = build_accelerator(cfg)
     gan_step = build_gan(cfg, accelerator)
     capsys.readouterr()
-    state, resumed_from = resume_or_start(accelerator, run_dir, gan_step, torch.zeros(1), 8, (2e-4, 2e-4))
+    state, resumed_from, _ = resume_or_start(accelerator, run_dir, gan_step, torch.zeros(1), 8, (2e-4, 2e-4))
     assert resumed_from == previous and state.step == 5
     lines = capsys.readouterr().out.splitlines()
     assert lines == [f"[dcgan-train] checkpoint {latest} is damaged, passed over: {verdict.detail}"]
@@ -148,7 +148,7 @@ def test_checkpoint_of_an_earlier_version_without_checksums_is_loaded_with_a_not
     accelerator = build_accelerator(cfg)
     gan_step = build_gan(cfg, accelerator)
     capsys.readouterr()  # the accelerator's own lines (precision chosen)
-    _, resumed_from = resume_or_start(accelerator, run_dir, gan_step, torch.zeros(1), 8, (2e-4, 2e-4))
+    _, resumed_from, _ = resume_or_start(accelerator, run_dir, gan_step, torch.zeros(1), 8, (2e-4, 2e-4))
     assert resumed_from == latest
     assert capsys.readouterr().out.splitlines() == [f"[dcgan-train] note: checkpoint {latest}: {note}"]
 

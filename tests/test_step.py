@@ -20,7 +20,7 @@ from dcgan_dist.step import GANStep, gradients_nonfinite, step_unless
 ADAM_EPS = 1e-2
 
 
-def make_step(loss: LossConfig | None = None, seed: int = 0):
+def make_step(loss: LossConfig | None = None, seed: int = 0, g_steps: int = 1):
     torch.manual_seed(seed)
     G, D = Generator(nz=16, ngf=8), Discriminator(ndf=8)
     ref_G, ref_D = copy.deepcopy(G), copy.deepcopy(D)
@@ -28,7 +28,7 @@ def make_step(loss: LossConfig | None = None, seed: int = 0):
     opt_g = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999), eps=ADAM_EPS, fused=True)
     opt_d = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999), eps=ADAM_EPS, fused=True)
     G, D, opt_g, opt_d = acc.prepare(G, D, opt_g, opt_d)
-    step = GANStep(acc, G, D, opt_g, opt_d, loss or LossConfig(), nz=16, seed=seed)
+    step = GANStep(acc, G, D, opt_g, opt_d, loss or LossConfig(), nz=16, seed=seed, g_steps=g_steps)
     return step, G, D, ref_G, ref_D
 
 
@@ -68,6 +68,32 @@ def test_step_matches_reference_implementation():
         for ours, ref in ((G, ref_G), (D, ref_D)):
             for (name, a), b in zip(ours.state_dict().items(), ref.state_dict().values()):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"{name} differs from the reference")
+
+
+def test_g_steps_adds_g_updates_on_new_noise_against_the_same_d():
+    """train.g_steps=3: the reference iteration, then two more G updates, each on the next z of the step's noise
+    stream, through the D of this step (plain torch: D's parameters frozen, G's loss, Adam)."""
+    step, G, D, ref_G, ref_D = make_step(g_steps=3)
+    ref_opt_g = torch.optim.Adam(ref_G.parameters(), lr=2e-4, betas=(0.5, 0.999), eps=ADAM_EPS)
+    ref_opt_d = torch.optim.Adam(ref_D.parameters(), lr=2e-4, betas=(0.5, 0.999), eps=ADAM_EPS)
+    for i in range(2):
+        images = random_batch(seed=i)
+        noise = torch.Generator().set_state(step.noise.get_state())
+        zs = [torch.randn(16, 16, 1, 1, generator=noise) for _ in range(3)]
+        step(images)
+        reference_step(ref_G, ref_D, ref_opt_g, ref_opt_d, images.float() / 127.5 - 1, zs[0])
+        for z in zs[1:]:
+            ref_D.requires_grad_(False)
+            ref_G.zero_grad()
+            out = torch.sigmoid(ref_D(ref_G(z)))
+            nn.BCELoss()(out, torch.ones_like(out)).backward()
+            ref_opt_g.step()
+            ref_D.requires_grad_(True)
+    assert [s["step"].item() for s in step.opt_g.optimizer.state.values()][:1] == [6.0]  # 3 G updates a step
+    assert [s["step"].item() for s in step.opt_d.optimizer.state.values()][:1] == [2.0]
+    for ours, ref in ((G, ref_G), (D, ref_D)):
+        for (name, a), b in zip(ours.state_dict().items(), ref.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"{name} differs from the reference")
 
 
 def test_step_changes_both_networks_and_g_step_leaves_d_gradients_alone():

@@ -117,16 +117,17 @@ def test_resume_on_another_world_size_keeps_the_sample_position_and_takes_the_co
     cfg = load_config(None, [*TINY, f"data.source={image_folder}", f"run.dir={tmp_path}"])
     accelerator = build_accelerator(cfg)
     gan_step = build_gan(cfg, accelerator)
-    state, resumed_from = resume_or_start(accelerator, tmp_path, gan_step, torch.zeros(1), batch_size=16,
-                                          learning_rates=(1e-3, 3e-3))
+    state, resumed_from, _ = resume_or_start(accelerator, tmp_path, gan_step, torch.zeros(1), batch_size=16,
+                                             learning_rates=(1e-3, 3e-3))
     assert resumed_from == ckpt
     assert (state.step, state.epoch, state.batch_in_epoch, state.world_size, state.batch_size) == (5, 0, 1, 1, 16)
     assert [g["lr"] for g in gan_step.opt_g.param_groups] == [1e-3]  # the config's, not the saved 2e-4
     assert [g["lr"] for g in gan_step.opt_d.param_groups] == [3e-3]
     # 2 saved noise streams for 1 rank: a fresh stream, deterministic in (step, rank)
     assert torch.equal(gan_step.noise.get_state(), torch.Generator().manual_seed(5 * 7919 + 0).get_state())
-    state, resumed_from = resume_or_start(accelerator, tmp_path / "new", gan_step, torch.zeros(1), 8, (2e-4, 2e-4))
-    assert resumed_from is None and (state.step, state.epoch, state.batch_in_epoch, state.world_size) == (0, 0, 0, 1)
+    state, resumed_from, initialised_from = resume_or_start(accelerator, tmp_path / "new", gan_step, torch.zeros(1), 8,
+                                                            (2e-4, 2e-4))
+    assert resumed_from is None and initialised_from is None and (state.step, state.epoch, state.batch_in_epoch, state.world_size) == (0, 0, 0, 1)
 
 
 def test_fresh_start_is_explicit(tmp_path, image_folder):
@@ -202,3 +203,46 @@ def test_help_answers_without_loading_torch():
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "usage: dcgan-train" in proc.stdout and proc.stdout.strip().endswith("[]")
+
+
+def test_init_from_starts_a_new_run_where_another_left_off(tmp_path, image_folder, capsys):
+    """run.init_from: a new run folder starts from another run's newest checkpoint (weights, optimizers, step,
+    data position, noise), with its own settings from there on: the same weights, bitwise, as that run resumed
+    in a copy of its folder with the same settings; the source run is left as it was."""
+    import shutil
+
+    source, copy, new = tmp_path / "healthy", tmp_path / "copy", tmp_path / "unbalanced"
+    run(source, image_folder, "train.max_steps=6", "ckpt.every=3")
+    before = {p.name: (p / "checksums.json").read_text() for p in checkpoint_dirs(source)}
+    shutil.copytree(source, copy)
+    run(copy, image_folder, "train.max_steps=9", "optim.lr_d=1e-5")
+    capsys.readouterr()
+    run(new, image_folder, "train.max_steps=9", "optim.lr_d=1e-5", f"run.init_from={source}")
+    assert f"run.init_from: starting from {source / 'checkpoints' / 'step-00000006'} (step 6" in capsys.readouterr().out
+    assert [p.name for p in checkpoint_dirs(new)] == ["step-00000009"]
+    for name in ("G.safetensors", "D.safetensors", "G_ema.safetensors"):
+        ours, resumed = load_file(latest_checkpoint(new) / name), load_file(latest_checkpoint(copy) / name)
+        assert ours.keys() == resumed.keys() and all(torch.equal(ours[k], resumed[k]) for k in ours), name
+    assert [e.step for e in events(new).Scalars("loss/D")] == [9]  # its own curves, from the source's step on
+    assert {p.name: (p / "checksums.json").read_text() for p in checkpoint_dirs(source)} == before
+    # a checkpoint folder named directly: from step 3, the same settings as the source's, ends where it did
+    direct = tmp_path / "from-step-3"
+    run(direct, image_folder, "train.max_steps=6", f"run.init_from={source / 'checkpoints' / 'step-00000003'}")
+    ours, theirs = load_file(latest_checkpoint(direct) / "G.safetensors"), load_file(latest_checkpoint(source) / "G.safetensors")
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    # once the new run has checkpoints of its own, it resumes from them and run.init_from is not read again
+    capsys.readouterr()
+    run(new, image_folder, "train.max_steps=10", f"run.init_from={tmp_path / 'gone'}")
+    assert "resumed from" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda tmp: tmp / "missing", "does not exist; expected a run folder or one of its checkpoints/step-NNNNNNNN"),
+    (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty", "holds no checkpoint"),
+])
+def test_init_from_without_a_checkpoint_is_one_line_and_exit_2(tmp_path, image_folder, capsys, make, message):
+    source = make(tmp_path)
+    code = main([*TINY, f"data.source={image_folder}", f"run.dir={tmp_path / 'run'}", f"run.init_from={source}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith(f"dcgan-train: error: config key 'run.init_from': {source} ") and message in err
