@@ -14,7 +14,8 @@ from dcgan_dist.diagnostics import DIAGNOSTICS_JSON, Diagnostics, RealReference
 from dcgan_dist.diagnostics.alarms import (MODE_COLLAPSE, VANISHING_GRADIENTS, Alarm, collapse_condition,
                                            vanishing_condition)
 from dcgan_dist.diagnostics.coverage import ModeClassifier, modes_present
-from dcgan_dist.diagnostics.similarity import feature_spread, mean_ms_ssim, pairwise_ms_ssim, RandomFeatures
+from dcgan_dist.diagnostics.similarity import (distinct_count, feature_spread, mean_ms_ssim,
+                                              pairwise_ms_ssim, RandomFeatures)
 from dcgan_dist.data.images import lab_transform, list_images
 from dcgan_dist.models import Generator
 from dcgan_dist.step import StepOutput
@@ -79,6 +80,23 @@ def test_diversity_orders_constructed_cases(synthetic):
     features = RandomFeatures()
     spreads = [feature_spread(features(x)) for x in (identical, one_mode, real)]
     assert spreads[0] == pytest.approx(0.0, abs=1e-4) and spreads[0] < spreads[1] < spreads[2]
+
+
+def test_distinct_count_finds_the_faces_a_batch_repeats(synthetic):
+    """Copies of a few faces, each slightly noised, count as those few; varied faces count one each; the
+    threshold is read against each pair's MS-SSIM computed directly."""
+    images, labels = synthetic
+    faces = torch.stack([images[labels == m][0] for m in range(4)])  # one face of each of 4 modes
+    noise = torch.Generator().manual_seed(0)
+    jitter = lambda x: (x.float() + torch.randn(x.shape, generator=noise) * 4).clamp(0, 255).to(torch.uint8)  # noqa: E731
+    repeated = jitter(faces.repeat(8, 1, 1, 1))  # 32 images: 4 faces, 8 near-copies each, interleaved
+    assert distinct_count(pairwise_ms_ssim(repeated), 32) == 4
+    varied = images[:24]
+    pairs = pairwise_ms_ssim(varied)
+    unit = varied.float() / 255
+    direct = max(reference_ssim(unit[i], unit[j]) for i in range(24) for j in range(i + 1, 24))
+    assert distinct_count(pairs, 24, threshold=direct + 1e-3) == 24
+    assert distinct_count(pairs, 24, threshold=direct - 1e-3) == 23  # the most alike pair now counts once
 
 
 def test_mode_classifier_is_accurate_on_held_out_real_samples(synthetic):
@@ -157,6 +175,7 @@ def test_check_leaves_G_unchanged_and_alarm_is_recorded(synthetic, tmp_path):
     assert log.scalar_values[(f"alarm/{VANISHING_GRADIENTS}", 5)] == 1.0
     assert log.scalar_values[(f"alarm/{VANISHING_GRADIENTS}", 3)] == 0.0
     assert log.scalar_values[("grad/G/relative_to_early", 3)] == pytest.approx(0.05)
+    assert 1 <= log.scalar_values[("diversity/distinct", 1)] <= 16  # of the 16 similarity samples
     # an untrained G's samples are far more alike than real faces: mode_collapse fires at once (no warm-up here)
     assert [e["step"] for e in saved["alarms"] if e["alarm"] == MODE_COLLAPSE] == [2]
 

@@ -28,7 +28,8 @@ from dcgan_dist.data.manifest import is_shard_folder, synthetic_modes
 from dcgan_dist.diagnostics.alarms import (MODE_COLLAPSE, VANISHING_GRADIENTS, Alarm, collapse_condition,
                                            vanishing_condition)
 from dcgan_dist.diagnostics.coverage import ModeClassifier, modes_present
-from dcgan_dist.diagnostics.similarity import RandomFeatures, feature_spread, mean_ms_ssim
+from dcgan_dist.diagnostics.similarity import (RandomFeatures, distinct_count, feature_spread, mean_ms_ssim,
+                                              pairwise_ms_ssim)
 from dcgan_dist.fileio import atomic_write
 from dcgan_dist.metrics import RunLogger
 from dcgan_dist.models import sample_with_batch_statistics
@@ -152,11 +153,14 @@ class Diagnostics:
         g_early = max(self.early_g_norms)  # the largest of the first checks: one already-vanished check cannot lower it
         values["grad/G/relative_to_early"] = g_norm / max(g_early, 1e-12)
 
-        ms_ssim = mean_ms_ssim(samples[:cfg.similarity_samples])
+        similar = samples[:cfg.similarity_samples]
+        pairs = pairwise_ms_ssim(similar)
+        ms_ssim = pairs.mean().item()
         real_ms_ssim = self.reference["real_ms_ssim"]
         spread = feature_spread(self.features(samples))
         values.update({
             "diversity/ms_ssim": ms_ssim, "diversity/ms_ssim_real": real_ms_ssim,
+            "diversity/distinct": float(distinct_count(pairs, similar.shape[0])),
             "diversity/ratio": (1.0 - ms_ssim) / max(1.0 - real_ms_ssim, 1e-12),
             "diversity/feature_spread": spread,
             "diversity/feature_spread_ratio": spread / max(self.reference["real_feature_spread"], 1e-12),
