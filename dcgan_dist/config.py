@@ -89,7 +89,7 @@ class TrainConfig:
     max_nonfinite: int = field(default=10, metadata=check(_positive))
     stop_check_every: int = field(default=10, metadata=check(_positive))  # steps between the ranks' stop-signal checks
     # G updates per step: the first on the D step's fakes (the lab's), the others on new z against the same D;
-    # more than 1 unbalances the game (configs/mode_collapse.yaml)
+    # more than 1 unbalances the game (docs/failure_modes.md, "Unbalancing a healthy run")
     g_steps: int = field(default=1, metadata=check(_positive))
 
 
