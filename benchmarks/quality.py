@@ -135,14 +135,9 @@ def train_reference(train_root: Path, steps: int, batch: int, ngf: int, ndf: int
     return netG
 
 
-def model_names(precisions: list[str]) -> list[str]:
-    """The rows of a table: the reference, then our G and its average per trainer precision ("ours" alone
-    when there is one precision)."""
-    names = ["reference"]
-    for precision in precisions:
-        ours = "ours" if len(precisions) == 1 else f"ours {'fp32' if precision == 'no' else precision}"
-        names += [ours, f"{ours} EMA"]
-    return names
+def ours_label(precision: str, precisions: list[str]) -> str:
+    """Our row's name in the table: "ours" when there is one precision, else "ours fp32", "ours bf16", ..."""
+    return "ours" if len(precisions) == 1 else f"ours {'fp32' if precision == 'no' else precision}"
 
 
 def train_ours(shards: Path, run_dir: Path, steps: int, batch: int, ngf: int, ndf: int, workers: int, seed: int,
@@ -284,9 +279,9 @@ def main(argv: list[str] | None = None) -> int:
             models = {"reference": train_reference(train_root, sizes["steps"], sizes["batch"], sizes["ngf"],
                                                    sizes["ndf"], args.workers, seed, device)}
             seconds, facts = {"reference": time.perf_counter() - t}, {"reference": {"precision": "no"}}
-            names = iter(model_names(args.precisions)[1:])
             for precision in args.precisions:
-                ours, ours_ema = next(names), next(names)
+                ours = ours_label(precision, args.precisions)
+                ours_ema = f"{ours} EMA"
                 run_dir = work / (f"run-{seed}" if len(args.precisions) == 1 else f"run-{precision}-{seed}")
                 t = time.perf_counter()
                 models[ours], models[ours_ema], facts[ours] = train_ours(

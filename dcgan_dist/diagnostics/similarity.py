@@ -87,7 +87,7 @@ def distinct_count(pairs: torch.Tensor, n: int, threshold: float = NEAR_DUPLICAT
     alike |= alike.T.clone()
     distinct: list[int] = []
     for i in range(n):
-        if not any(alike[i, j] for j in distinct):
+        if not alike[i, distinct].any():
             distinct.append(i)
     return len(distinct)
 
