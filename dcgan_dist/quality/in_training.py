@@ -19,6 +19,7 @@ by one all-reduce, so every rank takes part in saving the best checkpoint.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -39,6 +40,11 @@ if TYPE_CHECKING:
 QUALITY_JSON = "quality.json"
 BEST_DIR = "best"  # a run folder of its own inside the run folder: checkpoints/step-N/ and the generator exports
 BN_MODE = "batch"  # as in training and dcgan-eval's default
+
+
+def _as_exported(G: torch.nn.Module) -> torch.nn.Module:
+    """A copy of G in the default (contiguous) memory layout, the one `dcgan-eval` loads its file in."""
+    return copy.deepcopy(G).to(memory_format=torch.contiguous_format)
 
 
 def check_eval_config(cfg: Config) -> tuple[Path, Path | None]:
@@ -158,7 +164,9 @@ class TrainingEvaluator:
         models = {"": self.accelerator.unwrap_model(gan_step.G)}
         if gan_step.ema is not None:
             models["_ema"] = gan_step.ema.model
-        images = {suffix: generate(G, self.z, BN_MODE) for suffix, G in models.items()}  # every rank
+        # every rank; from G in the layout its exported file loads in (contiguous), as dcgan-eval draws:
+        # the training copy may be channels_last, whose convolutions round differently
+        images = {suffix: generate(_as_exported(G), self.z, BN_MODE) for suffix, G in models.items()}
         values = self._measure(images) if self.main else {}
         metric = values.get(self.metric, math.nan)
         new_best = self.main and math.isfinite(metric) and (self.best is None or metric < self.best["value"])
