@@ -74,6 +74,8 @@ class DataConfig:
     source: str = field(default="synthetic", metadata=check(_path("a shard folder, a folder of images or synthetic")))
     synthetic_count: int = field(default=4000, metadata=check(_positive))  # images, when source is "synthetic"
     synthetic_modes: int = field(default=10, metadata=check(_positive))
+    # photo: shaded, textured faces the lab's DCGAN learns; flat: hard-edged cartoons D wins against at once
+    synthetic_style: Literal["photo", "flat"] = "photo"
     workers: int = field(default=2, metadata=check(_non_negative))
     pin_memory: bool = True
     split: str = "train"

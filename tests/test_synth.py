@@ -1,5 +1,5 @@
-"""Synthetic CelebA: the release layout and formats, read back without the project's parsers, and modes that
-a small classifier separates at 64x64 while faces within a mode still differ."""
+"""Synthetic CelebA, in both styles: the release layout and formats, read back without the project's
+parsers, and modes that a small classifier separates at 64x64 while faces within a mode still differ."""
 from __future__ import annotations
 
 import json
@@ -21,9 +21,9 @@ from dcgan_dist.data.prepare import resolve_source
 COUNT, MODES = 400, 8
 
 
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    return write_synthetic_celeba(tmp_path_factory.mktemp("synth"), COUNT, modes=MODES, seed=3)
+@pytest.fixture(scope="module", params=["photo", "flat"])
+def synth(tmp_path_factory, request) -> Path:
+    return write_synthetic_celeba(tmp_path_factory.mktemp(request.param), COUNT, modes=MODES, seed=3, style=request.param)
 
 
 def lines(path: Path) -> list[str]:
@@ -60,6 +60,7 @@ def test_release_layout_and_text_formats(synth):
     assert json.loads((synth / "synth.json").read_text())["modes"] == MODES
     meta = json.loads((synth / "synth.json").read_text())
     assert (meta["count"], meta["seed"], meta["tool"].split()[0], len(meta["mode_names"])) == (COUNT, 3, "dcgan_dist", MODES)
+    assert meta["style"] == synth.name.rstrip("0123456789")  # the fixture's folder is named after its style
 
 
 def test_modes_are_balanced_identities_and_attributes_match_the_drawing(synth):
@@ -100,7 +101,9 @@ def test_a_small_classifier_separates_modes_at_64px_and_faces_vary_within_a_mode
     finally:
         torch.set_num_threads(threads)
     accuracy = (model(x[held_out]).argmax(1) == y[held_out]).float().mean().item()
-    assert accuracy >= 0.97
+    # photo faces vary widely within a mode on purpose (exposure, light, skin, shirt, background), so
+    # 200 training faces separate them less well; chance is 1/8
+    assert accuracy >= (0.97 if json.loads((synth / "synth.json").read_text())["style"] == "flat" else 0.88)
 
     for mode in range(MODES):  # within a mode: no two faces alike, clearly above JPEG noise
         faces = x[y == mode].flatten(1)
@@ -109,8 +112,9 @@ def test_a_small_classifier_separates_modes_at_64px_and_faces_vary_within_a_mode
 
 
 def test_same_seed_same_files_other_seed_other_faces(synth, tmp_path):
-    again = write_synthetic_celeba(tmp_path / "again", COUNT, modes=MODES, seed=3)
-    other = write_synthetic_celeba(tmp_path / "other", 20, modes=MODES, seed=4)
+    style = json.loads((synth / "synth.json").read_text())["style"]
+    again = write_synthetic_celeba(tmp_path / "again", COUNT, modes=MODES, seed=3, style=style)
+    other = write_synthetic_celeba(tmp_path / "other", 20, modes=MODES, seed=4, style=style)
     for name in ("list_eval_partition.txt", "identity_CelebA.txt", "list_attr_celeba.txt",
                  "list_landmarks_align_celeba.txt", "img_align_celeba/000001.jpg", "img_align_celeba/000400.jpg"):
         assert (again / name).read_bytes() == (synth / name).read_bytes()
@@ -126,6 +130,10 @@ def test_cli_synth_and_bad_arguments(tmp_path, capsys):
     assert err[-1] == "dcgan-shards: error: count: got 0, expected 1 to 999999 (six-digit CelebA file names)"
     with pytest.raises(ValueError, match="modes: got 0"):
         write_synthetic_celeba(tmp_path / "u", 5, modes=0)
+    with pytest.raises(ValueError, match="style: got 'sketch', expected one of photo, flat"):
+        write_synthetic_celeba(tmp_path / "v", 5, style="sketch")
+    assert main(["synth", "--out", str(tmp_path / "f"), "--count", "2", "--style", "flat"]) == 0
+    assert json.loads((tmp_path / "f/synth.json").read_text())["style"] == "flat"
     assert np.asarray(Image.open(tmp_path / "s/img_align_celeba/000001.jpg")).std() > 10  # a drawing, not a blank
 
 
@@ -136,12 +144,16 @@ def test_data_source_synthetic_is_built_once_under_shards_then_reused(tmp_path, 
     accelerator = Accelerator(cpu=True)
     data = DataConfig(source="synthetic", synthetic_count=30, synthetic_modes=3)
     source = resolve_source(data, 5, accelerator)
-    assert source == str(Path("shards/synthetic-30x3/celeba64"))
-    meta = json.loads(Path("shards/synthetic-30x3/celeba/synth.json").read_text())
-    assert (meta["count"], meta["modes"], meta["seed"]) == (30, 3, 5)
+    assert source == str(Path("shards/synthetic-photo1-30x3/celeba64"))
+    meta = json.loads(Path("shards/synthetic-photo1-30x3/celeba/synth.json").read_text())
+    assert (meta["count"], meta["modes"], meta["seed"], meta["style"]) == (30, 3, 5, "photo")
     manifest = json.loads((Path(source) / "manifest.json").read_text())
     assert manifest["source"]["synthetic"] == meta and manifest["totals"]["samples"] == 30
     written = (Path(source) / "manifest.json").stat().st_mtime_ns
     assert resolve_source(data, 5, accelerator) == source
     assert (Path(source) / "manifest.json").stat().st_mtime_ns == written  # not rebuilt
+    flat = resolve_source(DataConfig(source="synthetic", synthetic_count=30, synthetic_modes=3, synthetic_style="flat"),
+                          5, accelerator)
+    assert flat == str(Path("shards/synthetic-flat1-30x3/celeba64"))  # another style: its own folder
+    assert json.loads(Path("shards/synthetic-flat1-30x3/celeba/synth.json").read_text())["style"] == "flat"
     assert resolve_source(DataConfig(source="/data/shards"), 5, accelerator) == "/data/shards"

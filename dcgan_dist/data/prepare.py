@@ -9,6 +9,8 @@ from dcgan_dist.data.build.pack import build_shards
 from dcgan_dist.data.build.synth import write_synthetic_celeba
 from dcgan_dist.data.manifest import is_shard_folder
 
+RENDER_VERSION = {"photo": "1", "flat": "1"}  # bumped when a renderer's output changes
+
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
@@ -21,14 +23,17 @@ def resolve_source(data: DataConfig, seed: int, accelerator: Accelerator) -> str
 
     if data.source != "synthetic":
         return data.source
-    root = Path("shards") / f"synthetic-{data.synthetic_count}x{data.synthetic_modes}"
+    # the folder names what it holds, so another style or count (or a changed renderer) never reuses it
+    root = Path("shards") / f"synthetic-{data.synthetic_style}{RENDER_VERSION[data.synthetic_style]}-" \
+        f"{data.synthetic_count}x{data.synthetic_modes}"
     shards = root / "celeba64"
 
     def write() -> None:
         if not is_shard_folder(shards):
-            print(f"[dcgan-train] writing synthetic CelebA ({data.synthetic_count} images, "
+            print(f"[dcgan-train] writing synthetic CelebA ({data.synthetic_count} {data.synthetic_style} images, "
                   f"{data.synthetic_modes} modes) and its shards under {root}", flush=True)
-            write_synthetic_celeba(root / "celeba", data.synthetic_count, data.synthetic_modes, seed=seed)
+            write_synthetic_celeba(root / "celeba", data.synthetic_count, data.synthetic_modes, seed=seed,
+                                   style=data.synthetic_style)
             build_shards(root / "celeba", shards)
 
     on_main_process(accelerator, f"write the synthetic data under {root}", write)

@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--count", type=int, required=True, help="number of images")
     synth.add_argument("--modes", type=int, default=10, help="number of visually distinct modes (default %(default)s)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    synth.add_argument("--style", choices=["photo", "flat"], default="photo",
+                       help="photo: shaded, textured faces a DCGAN learns (default); flat: hard-edged cartoons")
     return parser
 
 
@@ -72,10 +74,10 @@ def main(argv: list[str] | None = None) -> int:
             from dcgan_dist.data.build.synth import write_synthetic_celeba
 
             try:
-                write_synthetic_celeba(args.out, args.count, modes=args.modes, seed=args.seed)
+                write_synthetic_celeba(args.out, args.count, modes=args.modes, seed=args.seed, style=args.style)
             except ValueError as e:
                 raise ShardError(str(e)) from None
-            log(f"{args.out}: {args.count:,} synthetic faces in {args.modes} modes")
+            log(f"{args.out}: {args.count:,} synthetic {args.style} faces in {args.modes} modes")
     except ShardError as e:
         print(f"dcgan-shards: error: {e}", file=sys.stderr)
         return 2

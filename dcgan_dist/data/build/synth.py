@@ -38,6 +38,8 @@ HAIR_COLOURS = {"black": (30, 24, 22), "blond": (236, 204, 112), "brown": (112, 
 SKIN_TONES = {"light": (242, 208, 182), "medium": (204, 152, 112), "dark": (122, 82, 56)}
 BACKGROUNDS = ("solid", "gradient", "stripes")
 EXPRESSIONS = ("neutral", "smile", "open")
+STYLES = ("photo", "flat")
+PHOTO_ZOOM = 1.3
 
 
 @dataclass(frozen=True)
@@ -77,15 +79,16 @@ def split_sizes(count: int) -> tuple[int, int, int]:
     return train, valid, count - train - valid
 
 
-def _face_parameters(count: int, modes: int, seed: int) -> dict[str, np.ndarray]:
-    """Every random choice of every image, drawn at once, so the output does not depend on the worker count."""
+def _face_parameters(count: int, modes: int, seed: int, zoom: float = 1.0) -> dict[str, np.ndarray]:
+    """Every random choice of every image, drawn at once, so the output does not depend on the worker count.
+    `zoom` enlarges the faces about the image centre (the photo style's faces fill the frame as CelebA's do)."""
     rng = np.random.default_rng(seed)
     n = count
     p = {
         "mode": rng.permutation(np.arange(n) % modes),  # balanced modes, shuffled over ids
-        "cx": 89 + rng.uniform(-7, 7, n),
-        "cy": 118 + rng.uniform(-7, 7, n),
-        "scale": rng.uniform(0.86, 1.14, n),
+        "cx": 89 + zoom * rng.uniform(-7, 7, n),
+        "cy": 109 + zoom * (9 + rng.uniform(-7, 7, n)),
+        "scale": zoom * rng.uniform(0.86, 1.14, n),
         "aspect": rng.uniform(1.15, 1.4, n),  # face height / width
         "skin_gain": rng.uniform(0.88, 1.1, n),
         "hue_jitter": rng.uniform(-0.12, 0.12, n) / modes,
@@ -190,10 +193,15 @@ def draw_face(look: ModeLook, p: dict) -> Image.Image:
     return img
 
 
-def _write_chunk(task: tuple[Path, list[ModeLook], list[tuple[int, dict]]]) -> None:
-    images, looks, rows = task
+def _write_chunk(task: tuple[Path, list[ModeLook], list[tuple[int, dict]], str, int]) -> None:
+    images, looks, rows, style, seed = task
+    if style == "photo":
+        from dcgan_dist.data.build.photo import render_face  # it imports this module's looks
     for number, p in rows:
-        draw_face(looks[int(p["mode"])], p).save(images / f"{number:06d}.jpg", quality=92)
+        look = looks[int(p["mode"])]
+        # per image generator for the photo's grain and blotches: the output does not depend on the chunking
+        face = render_face(look, p, np.random.default_rng([seed, number]), len(looks)) if style == "photo" else draw_face(look, p)
+        face.save(images / f"{number:06d}.jpg", quality=92)
 
 
 def _attribute_row(look: ModeLook, expression: str) -> list[int]:
@@ -214,8 +222,12 @@ def _write_text(path: Path, lines: list[str]) -> None:
     atomic_write(path, "".join(line + "\n" for line in lines))
 
 
-def write_synthetic_celeba(out: Path, count: int, modes: int = 10, seed: int = 0) -> Path:
+def write_synthetic_celeba(out: Path, count: int, modes: int = 10, seed: int = 0, style: str = "photo") -> Path:
     """Write `count` synthetic faces in `modes` modes to `out` in CelebA's release layout; returns `out`.
+
+    `style`: "photo" (soft, shaded, textured faces that the lab's DCGAN learns, data/build/photo.py)
+    or "flat" (the cartoon drawing: hard edges and saturated colour, which D separates from G's
+    output at once; the diagnostics' tests use it for a discriminator that wins).
 
     Files: img_align_celeba/NNNNNN.jpg (178x218), list_eval_partition.txt (ids split by range,
     about 80/10/10), list_attr_celeba.txt, identity_CelebA.txt (identity = mode, 0..K-1),
@@ -225,15 +237,17 @@ def write_synthetic_celeba(out: Path, count: int, modes: int = 10, seed: int = 0
         raise ValueError(f"count: got {count}, expected 1 to 999999 (six-digit CelebA file names)")
     if modes < 1:
         raise ValueError(f"modes: got {modes}, expected at least 1")
+    if style not in STYLES:
+        raise ValueError(f"style: got {style!r}, expected one of {', '.join(STYLES)}")
     out = Path(out)
     images = out / IMAGES_NAME
     images.mkdir(parents=True, exist_ok=True)
     (out / SYNTH_JSON).unlink(missing_ok=True)  # present only when the set is complete
     looks = mode_looks(modes)
-    params = _face_parameters(count, modes, seed)
+    params = _face_parameters(count, modes, seed, zoom=PHOTO_ZOOM if style == "photo" else 1.0)
     rows = [(i + 1, {k: v[i] for k, v in params.items()}) for i in range(count)]
     chunk = 250
-    tasks = [(images, looks, rows[i:i + chunk]) for i in range(0, count, chunk)]
+    tasks = [(images, looks, rows[i:i + chunk], style, seed) for i in range(0, count, chunk)]
     processes = min(default_workers(), len(tasks))
     with process_pool(processes) as pool:
         for _ in ordered_map(pool, _write_chunk, tasks, 2 * processes):
@@ -255,7 +269,7 @@ def write_synthetic_celeba(out: Path, count: int, modes: int = 10, seed: int = 0
         f"{n} " + " ".join(f"{v:4d}" for v in row) for n, row in zip(names, landmarks)])
     _write_text(out / f"{BBOXES}.txt", [str(count), "image_id x_1 y_1 width height"] + [
         f"{n} {a:4d} {b:4d} {c:4d} {e:4d}" for n, a, b, c, e in zip(names, x0, y0, w, h)])
-    synth = {"modes": modes, "seed": seed, "count": count, "tool": f"dcgan_dist {dcgan_dist.__version__}",
+    synth = {"modes": modes, "seed": seed, "count": count, "style": style, "tool": f"dcgan_dist {dcgan_dist.__version__}",
              "mode_names": [look.name for look in looks]}
     _write_text(out / SYNTH_JSON, [json.dumps(synth, indent=1)])
     return out
