@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The lab's experiments side by side: the healthy baseline, mode collapse, vanishing gradients (the
 # minimax loss) and its twin that differs only in the loss (non-saturating), on the same data with the
-# same budget, then one page comparing them (docs/failure_modes.md says what to look for).
+# same budget, then one page comparing them (docs/failure_modes.md says what to look for). The
+# collapse run starts from the healthy run's checkpoint at half the budget (faces first, then their
+# collapse), so the two are the same run until then.
 #
-#   bash launch/lab.sh                              # synthetic faces, CPU size (width 32, 300 steps each)
+#   bash launch/lab.sh                              # synthetic faces, CPU size (width 32, 600 steps each)
 #   bash launch/lab.sh shards/celeba64 --size gpu   # real faces, full width, on a GPU
 #   bash launch/lab.sh --size test                  # width 16, 150 steps: a quick look
 #   bash launch/lab.sh -- run.seed=1                # key=value after -- applies to every run
@@ -26,11 +28,11 @@ while [ $# -gt 0 ]; do
   esac
 done
 case "$size" in
-  test) sized=(model.ngf=16 model.ndf=16 train.max_steps=150 diag.every=25 diag.warmup_steps=100 data.workers=0
-               log.images_every=50) ;;
-  cpu) sized=(train.max_steps=300) ;;  # the presets' width and batch, one budget
-  gpu) sized=(model.ngf=64 model.ndf=64 train.batch_size=128 train.max_steps=3000 precision=auto data.workers=8
-              log.images_every=500 diag.every=100 diag.warmup_steps=1000) ;;
+  test) steps=150 sized=(model.ngf=16 model.ndf=16 diag.every=25 diag.warmup_steps=100 data.workers=0
+                         log.images_every=25) ;;
+  cpu) steps=600 sized=(log.images_every=50) ;;  # the presets' width and batch, one budget
+  gpu) steps=3000 sized=(model.ngf=64 model.ndf=64 train.batch_size=128 precision=auto data.workers=8
+                         log.images_every=250 diag.every=100 diag.warmup_steps=1000) ;;
   *) echo "lab.sh: --size: got '$size', expected cpu, test or gpu" >&2; exit 2 ;;
 esac
 if ! command -v dcgan-train >/dev/null; then
@@ -44,14 +46,25 @@ else
   data=()  # the presets' data.source: synthetic
 fi
 
+for arg in "$@"; do  # a budget given after -- is the budget of every run
+  case "$arg" in train.max_steps=*) steps="${arg#train.max_steps=}" ;; esac
+done
+half=$((steps / 2))
+[ "$half" -ge 1 ] || { echo "lab.sh: train.max_steps: got $steps, expected at least 2" >&2; exit 2; }
+
 experiments=(smoke mode_collapse vanishing_gradients vanishing_gradients_non_saturating)
 labels=(healthy mode_collapse vanishing_minimax vanishing_non_saturating)
 runs=()
 for i in "${!experiments[@]}"; do
   run="$out/${labels[$i]}"
+  case "${labels[$i]}" in
+    healthy) own=(ckpt.every="$half" ckpt.keep=2) ;;  # keeps the checkpoint the collapse run starts from
+    mode_collapse) own=(run.init_from="$out/healthy/checkpoints/$(printf 'step-%08d' "$half")") ;;
+    *) own=() ;;
+  esac
   echo "[lab] ${labels[$i]}: configs/${experiments[$i]}.yaml -> $run"
   dcgan-train --config "configs/${experiments[$i]}.yaml" run.dir="$run" run.fresh=true \
-    ${data[@]+"${data[@]}"} ${sized[@]+"${sized[@]}"} "$@"
+    ${data[@]+"${data[@]}"} ${sized[@]+"${sized[@]}"} "$@" train.max_steps="$steps" ${own[@]+"${own[@]}"}
   runs+=("$run")
 done
 dcgan-report --compare "${runs[@]}" --labels "$(IFS=,; echo "${labels[*]}")" --out "$out/compare.html"

@@ -1,5 +1,6 @@
 """The failure presets raise their alarm at test size (ngf=ndf=16, 150 steps) on synthetic faces, two seeds each;
-the lab's baseline raises neither. Each preset also raises its alarm on real faces (../shared/celeba-sample).
+the lab's baseline raises neither. The collapse preset starts from the baseline's checkpoint at half the budget,
+as launch/lab.sh runs it. Each preset also raises its alarm on real faces (../shared/celeba-sample).
 Sizes and the measured alarm steps: docs/failure_modes.md."""
 from __future__ import annotations
 
@@ -19,13 +20,13 @@ from conftest import shared_path
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_SIZE = ["model.ngf=16", "model.ndf=16", "train.max_steps=150", "train.epochs=20", "diag.every=25",
-             "diag.warmup_steps=100", "data.workers=0", "log.images_every=1000", "ckpt.every=1000"]
+             "diag.warmup_steps=100", "data.workers=0", "log.images_every=1000", "ckpt.every=75", "ckpt.keep=2"]
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("presets")
-    return build_shards(write_synthetic_celeba(root / "celeba", 1000, 10, seed=0), root / "shards", workers=1) \
+    return build_shards(write_synthetic_celeba(root / "celeba", 1000, 10, seed=0, style="flat"), root / "shards", workers=1) \
         and root / "shards"
 
 
@@ -37,8 +38,18 @@ def real_shards(tmp_path_factory):
     return root
 
 
+HALF = "step-00000075"  # the baseline's checkpoint the collapse preset starts from
+
+
 def alarm_steps(preset: str, shards, tmp_path, seed: int, *extra: str) -> dict[str, list[int]]:
+    """Train `preset` at test size and return the steps each alarm fired at. The collapse preset first needs
+    the baseline's run, which is trained here (with a checkpoint at half the budget) unless it exists."""
     run_dir = tmp_path / f"{preset}-{seed}"
+    if preset == "mode_collapse":
+        healthy = tmp_path / f"smoke-{seed}"
+        if not (healthy / "checkpoints" / HALF).is_dir():
+            alarm_steps("smoke", shards, tmp_path, seed, *extra)
+        extra = (*extra, f"run.init_from={healthy / 'checkpoints' / HALF}")
     cfg = load_config(f"configs/{preset}.yaml", [*TEST_SIZE, f"data.source={shards}", f"run.dir={run_dir}",
                                                   f"run.seed={seed}", *extra])
     train(cfg)
@@ -62,9 +73,12 @@ def test_presets_parse_and_each_failure_preset_changes_what_causes_its_failure()
     assert (twin.loss.generator, twin.run.seed) == ("non_saturating", vanishing.run.seed)
     # vanishing gradients: the saturating minimax loss, against a D faster than G
     assert vanishing.loss.generator == "minimax" and vanishing.optim.lr_d > vanishing.optim.lr_g
-    # mode collapse: the non-saturating loss kept, D ten times slower than G
-    assert collapse.loss.generator == "non_saturating"
-    assert collapse.optim.lr_g == baseline.optim.lr_g and collapse.optim.lr_d * 10 == pytest.approx(collapse.optim.lr_g)
+    # mode collapse: from the healthy demo run, the non-saturating loss kept, G updated 5 times per D update
+    # and D four times slower than G
+    assert collapse.loss.generator == "non_saturating" and collapse.run.init_from == baseline.run.dir
+    assert collapse.optim.lr_g == baseline.optim.lr_g and collapse.optim.lr_d * 4 == pytest.approx(collapse.optim.lr_g)
+    assert (collapse.train.g_steps, baseline.train.g_steps) == (5, 1)
+    assert collapse.train.max_steps == baseline.train.max_steps + 300
     for failure in (vanishing, collapse):
         # the same data and size as the baseline, and the default alarm thresholds: only the recipe differs
         assert (failure.data, failure.model, failure.precision) == (baseline.data, baseline.model, baseline.precision)
