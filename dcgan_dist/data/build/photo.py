@@ -6,8 +6,8 @@ saturated cartoons with hard edges its discriminator wins at once (no gradient r
 against photographs it does not. So this renderer gives the faces what photographs have and
 cartoons lack: soft edges, shading from a light that moves, muted colour, textured hair,
 backgrounds with low-frequency variation, and sensor grain. Each mode keeps a look (background
-hue and brightness, hair style and colour, skin tone, shirt, glasses, hat) that an 8x8 colour
-classifier still tells apart, so mode coverage stays measurable.
+and shirt hue, hair style and colour, skin tone, glasses, hat) that an 8x8 colour classifier still
+tells apart, so mode coverage stays measurable.
 """
 from __future__ import annotations
 

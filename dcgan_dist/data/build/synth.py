@@ -199,8 +199,10 @@ def _write_chunk(task: tuple[Path, list[ModeLook], list[tuple[int, dict]], str, 
         from dcgan_dist.data.build.photo import render_face  # it imports this module's looks
     for number, p in rows:
         look = looks[int(p["mode"])]
-        # per image generator for the photo's grain and blotches: the output does not depend on the chunking
-        face = render_face(look, p, np.random.default_rng([seed, number]), len(looks)) if style == "photo" else draw_face(look, p)
+        if style == "photo":  # a generator per image: the output does not depend on the chunking
+            face = render_face(look, p, np.random.default_rng([seed, number]), len(looks))
+        else:
+            face = draw_face(look, p)
         face.save(images / f"{number:06d}.jpg", quality=92)
 
 
